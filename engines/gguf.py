@@ -1,0 +1,441 @@
+"""GGUF -> MLX model directory import.
+
+    import_gguf(src, dest_dir, name=None, progress=None) -> Path
+
+turns a llama-architecture GGUF file into a directory that ``mlx_lm.load()`` loads:
+
+    config.json            mlx-lm llama config (+ a "gguf" block with the source facts)
+    model.safetensors      the weights; quantized tensors stay quantized
+    tokenizer.json         built with `tokenizers` from the GGUF vocabulary and merges
+    tokenizer_config.json  chat template, special tokens
+
+How (what we measured, DESIGN.md section 5):
+- ``mx.load(path)`` reads GGUF itself. Q4_0 / Q4_1 / Q8_0 tensors arrive as MLX
+  affine-quantized triples (``X.weight`` uint32, ``X.scales``, ``X.biases``, group
+  size 32). Bits differ per tensor (SmolLM2's Q4_1 file has an 8-bit embedding), so
+  bits and group size are derived from the shapes and written per layer into
+  config.json's "quantization" block.
+- llama.cpp stores the q/k projections permuted for its rotary layout;
+  ``rope_traditional: true`` in the mlx-lm config matches it without un-permuting.
+- Everything else (hyper-parameters, vocabulary, merges, special tokens, chat
+  template, license) comes from the GGUF metadata, which we read with the small
+  pure-Python header reader below *before* loading any weights, so an unsupported
+  file is refused in milliseconds with a clear message.
+
+The write is atomic: everything goes into a hidden temporary directory beside the
+destination, which is renamed into place at the end; on any failure it is removed.
+No HTTP here; errors are engines.BadInput (bad file, unsupported content, bad name).
+"""
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+from . import BadInput
+
+# --- limits (a GGUF header is untrusted input: bound what we allocate) -------------
+MAX_GGUF_KV = 100_000          # metadata entries; real files have ~40
+MAX_GGUF_TENSORS = 100_000     # a 405B llama has ~1,100
+MAX_GGUF_STRING = 16 << 20     # one string (chat templates are a few KB)
+MAX_GGUF_ARRAY = 16 << 20      # one array (vocabularies are ~50k-260k entries)
+MAX_GGUF_DIMS = 4              # ggml tensors have at most 4 dimensions
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}$")  # model ids: one safe path segment
+
+SUPPORTED_ARCHS = ("llama",)
+# ggml tensor types mx.load turns into MLX arrays we can keep (id -> label)
+GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+GGML_TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
+    9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K",
+    16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
+    22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
+    29: "IQ1_M", 30: "BF16",
+}
+# llama_ftype (general.file_type) -> the label Ollama shows as quantization_level
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0",
+              9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L",
+              14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+              32: "BF16"}
+# GGUF tokenizer.ggml.pre -> the pre-tokenizer recipe (see _build_tokenizer)
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = ("default", "gpt2", "smollm", "starcoder", "refact", "llama-bpe",
+                  "llama3")
+
+_TENSOR_MAP = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_MAP = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)$")
+
+
+# --- GGUF header reader ----------------------------------------------------------
+class _Reader:
+    def __init__(self, f):
+        self.f = f
+
+    def take(self, n):
+        b = self.f.read(n)
+        if len(b) != n:
+            raise BadInput("not a valid GGUF file (truncated header)")
+        return b
+
+    def unpack(self, fmt):
+        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))[0]
+
+    def string(self):
+        n = self.unpack("Q")
+        if n > MAX_GGUF_STRING:
+            raise BadInput("not a valid GGUF file (string too long)")
+        return self.take(n).decode("utf-8", errors="replace")
+
+    _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
+                10: "Q", 11: "q", 12: "d"}
+
+    def value(self, vtype, depth=0):
+        if vtype in self._SCALARS:
+            return self.unpack(self._SCALARS[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype == 9 and depth == 0:
+            itype, n = self.unpack("I"), self.unpack("Q")
+            if n > MAX_GGUF_ARRAY:
+                raise BadInput("not a valid GGUF file (array too long)")
+            if itype in self._SCALARS and itype != 7:
+                fmt = self._SCALARS[itype]
+                return list(struct.unpack(f"<{n}{fmt}",
+                                          self.take(n * struct.calcsize(fmt))))
+            return [self.value(itype, depth + 1) for _ in range(n)]
+        raise BadInput(f"not a valid GGUF file (unknown value type {vtype})")
+
+
+def read_header(path):
+    """Read a GGUF file's metadata and tensor table without loading tensors.
+
+    Returns (metadata: dict, tensors: dict name -> (dims numpy-order, ggml type id)).
+    Raises BadInput if the file is not GGUF (or a GGUF version we do not read).
+    """
+    with open(path, "rb") as f:
+        r = _Reader(f)
+        if f.read(4) != b"GGUF":
+            raise BadInput("not a GGUF file (bad magic)")
+        version = r.unpack("I")
+        if version not in (2, 3):
+            raise BadInput(f"unsupported GGUF version {version} (supported: 2, 3)")
+        n_tensors, n_kv = r.unpack("Q"), r.unpack("Q")
+        if n_tensors > MAX_GGUF_TENSORS or n_kv > MAX_GGUF_KV:
+            raise BadInput("not a valid GGUF file (implausible counts)")
+        md = {}
+        for _ in range(n_kv):
+            key = r.string()
+            md[key] = r.value(r.unpack("I"))
+        tensors = {}
+        for _ in range(n_tensors):
+            name = r.string()
+            nd = r.unpack("I")
+            if nd > MAX_GGUF_DIMS:
+                raise BadInput("not a valid GGUF file (too many dimensions)")
+            dims = [r.unpack("Q") for _ in range(nd)]
+            ttype = r.unpack("I")
+            r.unpack("Q")  # offset
+            tensors[name] = (tuple(reversed(dims)), ttype)
+    return md, tensors
+
+
+# --- naming ----------------------------------------------------------------------
+def default_name(src):
+    """`SmolLM2-135M-Instruct.Q4_1.gguf` -> `smollm2-135m-instruct-q4_1`."""
+    stem = Path(src).name
+    if stem.lower().endswith(".gguf"):
+        stem = stem[:-5]
+    name = re.sub(r"[^a-z0-9_-]+", "-", stem.lower()).strip("-._")
+    return name[:96] or "model"
+
+
+def check_name(name):
+    """A model id is one safe path segment: lower-case letters, digits, . _ -."""
+    if not isinstance(name, str) or not NAME_RE.match(name.lower()) or ".." in name:
+        raise BadInput(f"invalid model name {str(name)[:100]!r}: use letters, digits, "
+                       "'.', '_' and '-' (at most 96 characters)", param="name")
+    return name.lower()
+
+
+# --- conversion ------------------------------------------------------------------
+def _mlx_name(gguf_name):
+    """GGUF tensor name (without .weight/.scales/.biases) -> mlx-lm module path."""
+    if gguf_name in _TENSOR_MAP:
+        return _TENSOR_MAP[gguf_name]
+    m = _BLOCK_RE.match(gguf_name)
+    if m and m.group(2) in _BLOCK_MAP:
+        return f"model.layers.{int(m.group(1))}.{_BLOCK_MAP[m.group(2)]}"
+    return None
+
+
+def _get(md, arch, key, default=None, required=True):
+    full = f"{arch}.{key}"
+    if full in md:
+        return md[full]
+    if required and default is None:
+        raise BadInput(f"GGUF metadata lacks '{full}'")
+    return default
+
+
+def _check(md, tensors):
+    """Refuse anything we cannot convert faithfully, before loading weights."""
+    arch = md.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise BadInput(f"unsupported GGUF architecture {str(arch)[:50]!r} "
+                       f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+    for tname, (_dims, ttype) in tensors.items():
+        if ttype not in GGML_TYPES:
+            label = GGML_TYPE_NAMES.get(ttype, f"type {ttype}")
+            raise BadInput(f"unsupported GGUF tensor type {label} in '{tname[:80]}' "
+                           f"(supported: {', '.join(GGML_TYPES.values())})")
+        base = tname[:-len(".weight")] if tname.endswith(".weight") else None
+        if base is None or _mlx_name(base) is None:
+            raise BadInput(f"unsupported GGUF tensor '{tname[:80]}' for a llama model")
+    tok_model = md.get("tokenizer.ggml.model")
+    if tok_model != "gpt2":
+        raise BadInput(f"unsupported GGUF tokenizer {str(tok_model)[:50]!r} "
+                       "(supported: gpt2-style byte-level BPE)")
+    pre = md.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise BadInput(f"unsupported GGUF pre-tokenizer {str(pre)[:50]!r} "
+                       f"(supported: {', '.join(PRE_TOKENIZERS)})")
+    if "tokenizer.ggml.tokens" not in md or "tokenizer.ggml.merges" not in md:
+        raise BadInput("GGUF file has no vocabulary or merges")
+    if _get(md, arch, "rope.scaling.type", "none", required=False) not in ("none", "linear"):
+        raise BadInput("unsupported rope scaling "
+                       f"{md.get(arch + '.rope.scaling.type')!r} (supported: linear)")
+    return arch
+
+
+def quantization_label(md, tensors):
+    """Ollama-style quantization level: general.file_type when known, else the most
+    common type among the 2-D weights."""
+    ft = md.get("general.file_type")
+    if ft in FILE_TYPES:
+        return FILE_TYPES[ft]
+    counts = {}
+    for dims, ttype in tensors.values():
+        if len(dims) >= 2:
+            counts[ttype] = counts.get(ttype, 0) + 1
+    if not counts:
+        return "F32"
+    best = max(counts, key=counts.get)
+    return GGML_TYPE_NAMES.get(best, f"type {best}")
+
+
+def _build_config(md, arch, tensors, quant):
+    n_head = int(_get(md, arch, "attention.head_count"))
+    hidden = int(_get(md, arch, "embedding_length"))
+    tokens = md["tokenizer.ggml.tokens"]
+    head_dim = _get(md, arch, "attention.key_length", hidden // n_head, required=False)
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": int(_get(md, arch, "block_count")),
+        "intermediate_size": int(_get(md, arch, "feed_forward_length")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(_get(md, arch, "attention.head_count_kv", n_head,
+                                        required=False)),
+        "head_dim": int(head_dim),
+        "rms_norm_eps": float(_get(md, arch, "attention.layer_norm_rms_epsilon")),
+        "vocab_size": int(_get(md, arch, "vocab_size", len(tokens), required=False)),
+        "rope_theta": float(_get(md, arch, "rope.freq_base", 10000.0, required=False)),
+        # llama.cpp permutes q/k for its rotary layout; traditional RoPE matches it
+        "rope_traditional": True,
+        "max_position_embeddings": int(_get(md, arch, "context_length")),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    if _get(md, arch, "rope.scaling.type", None, required=False) == "linear":
+        cfg["rope_scaling"] = {"type": "linear",
+                               "factor": float(_get(md, arch, "rope.scaling.factor"))}
+    for key, cfg_key in (("tokenizer.ggml.bos_token_id", "bos_token_id"),
+                         ("tokenizer.ggml.eos_token_id", "eos_token_id")):
+        if key in md:
+            cfg[cfg_key] = int(md[key])
+    if quant:
+        cfg["quantization"] = quant
+        cfg["quantization_config"] = quant
+    cfg["gguf"] = {
+        "file_type": quantization_label(md, tensors),
+        "name": md.get("general.name", ""),
+        "license": md.get("general.license", ""),
+        "size_label": md.get("general.size_label", ""),
+        "architecture": arch,
+    }
+    return cfg
+
+
+def _build_tokenizer(md):
+    """tokenizer.json (a `tokenizers.Tokenizer`) + tokenizer_config dict."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
+    from tokenizers import pre_tokenizers, processors
+
+    tokens = md["tokenizer.ggml.tokens"]
+    types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                              byte_fallback=False))
+    pre = md.get("tokenizer.ggml.pre", "default")
+    if pre in ("llama-bpe", "llama3"):
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre in ("smollm", "starcoder", "refact"):
+        # the GPT-2 split with every digit on its own (llama.cpp's "smollm" regex)
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                    use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    # CONTROL (3) and UNKNOWN (2) tokens are special; USER_DEFINED (4) are added text
+    special = [AddedToken(tokens[i], special=True, normalized=False)
+               for i, t in enumerate(types) if t in (2, 3)]
+    user = [AddedToken(tokens[i], special=False, normalized=False)
+            for i, t in enumerate(types) if t == 4]
+    if special:
+        tk.add_special_tokens(special)
+    if user:
+        tk.add_tokens(user)
+
+    def tok(key):
+        i = md.get(f"tokenizer.ggml.{'unknown' if key == 'unk' else key}_token_id")
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False)) and tok("bos")
+    if add_bos:
+        bos, bos_id = tok("bos"), md["tokenizer.ggml.bos_token_id"]
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, bos_id)])
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tcfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": int(md.get(f"{md['general.architecture']}.context_length",
+                                       2048)),
+        "add_bos_token": bool(add_bos),
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    for key in ("bos", "eos", "unk"):
+        if tok(key):
+            tcfg[f"{key}_token"] = tok(key)
+    pad = md.get("tokenizer.ggml.padding_token_id")
+    if isinstance(pad, int) and 0 <= pad < len(tokens):
+        tcfg["pad_token"] = tokens[pad]
+    if md.get("tokenizer.chat_template"):
+        tcfg["chat_template"] = md["tokenizer.chat_template"]
+    return tk, tcfg
+
+
+def _convert_weights(src, tensors, progress):
+    """mx.load the GGUF, rename to mlx-lm paths, derive per-layer quantization."""
+    import mlx.core as mx
+
+    try:
+        raw = mx.load(str(src))
+    except (ValueError, RuntimeError, OSError) as e:
+        raise BadInput(f"could not read the GGUF tensors ({type(e).__name__})") from None
+    out, per_layer = {}, {}
+    names = sorted(tensors)
+    for i, tname in enumerate(names):
+        base = tname[:-len(".weight")]
+        path = _mlx_name(base)
+        dims, _ttype = tensors[tname]
+        w = raw.pop(tname, None)
+        if w is None:
+            raise BadInput(f"GGUF tensor '{tname}' could not be read")
+        out[f"{path}.weight"] = w
+        if f"{base}.scales" in raw:
+            scales, biases = raw.pop(f"{base}.scales"), raw.pop(f"{base}.biases")
+            in_features = dims[-1]
+            group_size = in_features // scales.shape[-1]
+            bits = w.shape[-1] * 32 // in_features
+            if group_size * scales.shape[-1] != in_features or bits * in_features != w.shape[-1] * 32:
+                raise BadInput(f"GGUF tensor '{tname}' has inconsistent shapes")
+            out[f"{path}.scales"], out[f"{path}.biases"] = scales, biases
+            per_layer[path] = {"group_size": int(group_size), "bits": int(bits)}
+        if progress:
+            progress(0.1 + 0.6 * (i + 1) / len(names), "converting tensors")
+    if raw:
+        raise BadInput(f"GGUF has unexpected tensor '{next(iter(raw))}'")
+    quant = None
+    if per_layer:
+        # default = the most common setting; layers that differ are listed by path
+        combos = {}
+        for q in per_layer.values():
+            combos[(q["group_size"], q["bits"])] = combos.get((q["group_size"], q["bits"]), 0) + 1
+        gs, bits = max(combos, key=combos.get)
+        quant = {"group_size": gs, "bits": bits, "mode": "affine"}
+        quant.update({k: v for k, v in per_layer.items()
+                      if (v["group_size"], v["bits"]) != (gs, bits)})
+    return out, quant
+
+
+def import_gguf(src, dest_dir, name=None, progress=None):
+    """Convert the GGUF file `src` into the MLX model directory `dest_dir/name`.
+
+    progress: optional callable(fraction 0..1, message). Returns the new directory.
+    Raises BadInput (unsupported file, bad name, name taken); leaves nothing behind
+    on failure.
+    """
+    src = Path(src)
+    dest_dir = Path(dest_dir)
+    if not src.is_file():
+        raise BadInput(f"no such file: {src.name}")
+    name = check_name(name if name is not None else default_name(src))
+    final = dest_dir / name
+    if final.exists():
+        raise BadInput(f"model '{name}' already exists", param="name")
+
+    def step(frac, msg):
+        if progress:
+            progress(frac, msg)
+
+    step(0.0, "reading GGUF header")
+    md, tensors = read_header(src)
+    arch = _check(md, tensors)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=dest_dir))
+    try:
+        step(0.05, "building tokenizer")
+        tk, tcfg = _build_tokenizer(md)
+        tk.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2))
+        step(0.1, "loading tensors")
+        weights, quant = _convert_weights(src, tensors, progress)
+        cfg = _build_config(md, arch, tensors, quant)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        step(0.75, "writing weights")
+        import mlx.core as mx
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights,
+                            metadata={"format": "mlx"})
+        del weights
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    step(1.0, "done")
+    return final
