@@ -1,0 +1,1214 @@
+#!/usr/bin/env python3
+"""localai: a local AI server for every device on your network.
+
+One command starts an HTTP/1.1 server that speaks two dialects:
+
+  * OpenAI (``/v1/...``): chat and text completions, models, speech-to-text,
+    text-to-speech; any OpenAI SDK works with ``base_url=http://HOST:11434/v1``.
+  * Ollama (``/api/...``): chat, generate, tags, show, ps, version; the ollama
+    client and Open WebUI work with ``http://HOST:11434``.
+
+Language and vision models run on MLX (mlx-lm, mlx-vlm), speech-to-text on vosk,
+text-to-speech on pyttsx3/espeak-ng. The server announces itself on the LAN with
+Bonjour (zeroconf).
+
+Usage
+    python localai.py                      serve on 0.0.0.0:11434
+    python localai.py --port 8080 --api-key SECRET --no-mdns
+    python localai.py import FILE.gguf [--name NAME]
+    python localai.py pull mlx-community/REPO
+    python localai.py pull-speech LANG
+    python localai.py list
+    python localai.py --help
+
+    curl http://localhost:11434/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
+
+Routes: see ROUTES (section 12) and ../shared/API.md. System routes: HEAD|GET /,
+GET /status, GET|HEAD /api/version, GET|POST /api/services/screen/brightness.
+
+Security: binds 0.0.0.0 (the LAN can reach it, as the seed wants). Optional
+``--api-key`` (Bearer or X-Api-Key; ``HEAD /`` and ``/status`` stay public). The
+Host header must name this machine (DNS-rebinding guard); requests carrying an
+``Origin`` outside ``--allowed-origins`` get 403 and no CORS headers. Image URLs
+and file paths are off unless enabled. Bodies, prompts and audio are never logged.
+
+Design: this file imports only the standard library at import time (so
+``--help`` is instant and a missing engine package is a 503 on that engine's
+routes, never a crash). Engines live in ``engines/``, know nothing of HTTP, and do
+their blocking work off the event loop. Data flows one way:
+socket -> read_request -> ROUTES -> handler -> write_response / stream -> socket.
+Exactly one place, ``error_response``, turns exceptions into responses.
+
+Sections
+    1. Imports            2. Constants and limits     3. Errors
+    4. HTTP/1.1 wire      5. Responses and streams    6. Multipart
+    7. Validation         8. Model handlers           9. Image inputs
+   10. Chat and completion handlers                   11. Audio handlers
+   12. System handlers and the route table            13. Engine bridge
+   14. Security checks   15. Connection loop          16. CLI and main
+"""
+
+# ============================================================================
+# 1. IMPORTS (standard library only)
+# ============================================================================
+import argparse
+import asyncio
+import email.utils
+import functools
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import engines  # the shared error vocabulary (stdlib only)
+
+VERSION = "0.1.0"
+log = logging.getLogger("localai")
+access_log = logging.getLogger("localai.access")
+
+# ============================================================================
+# 2. CONSTANTS AND LIMITS (one place; each says why)
+# ============================================================================
+DEFAULT_PORT = 11434                 # Ollama's port: clients look there first
+MAX_REQUEST_LINE = 8 * 1024          # 414 past this (nginx/h11 use 8 KiB)
+MAX_HEADER_BYTES = 32 * 1024         # whole header block; 431 past this
+MAX_HEADER_COUNT = 100               # header fields; 431 past this (h11, aiohttp: 100)
+MAX_CHUNK_LINE = 1024                # chunk-size line incl. extensions
+MAX_TRAILER_BYTES = 8 * 1024         # trailer block after the last chunk
+HEADER_TIMEOUT = 10.0                # whole head must arrive in this (slowloris)
+BODY_IDLE_TIMEOUT = 10.0             # max silence while a body is arriving
+KEEPALIVE_TIMEOUT = 5.0              # idle keep-alive connections close after this
+SEND_STALL_TIMEOUT = 30.0            # a client that reads nothing for this long is dropped
+DRAIN_TIMEOUT = 10.0                 # on shutdown, in-flight requests get this long
+READ_CHUNK = 64 * 1024               # socket read size
+PIPELINE_BUFFER = 64 * 1024          # bytes read ahead while a handler runs
+BRIDGE_THREADS = 64                  # threads waiting on engines (engines bound their own work)
+
+KIB, MIB = 1024, 1024 * 1024
+BODY_SMALL = 64 * KIB                # control routes (brightness, show)
+BODY_CHAT = 20 * MIB                 # chat/generate: base64 images need room
+BODY_SPEECH = 256 * KIB              # 4096 characters of input plus JSON
+BODY_TRANSCRIPTION = 30 * MIB        # the seed's route limit for uploads
+
+REASONS = {
+    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request",
+    401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+    413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
+    417: "Expectation Failed", 422: "Unprocessable Content", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
+}
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+    503: "server_error",
+}
+
+# ============================================================================
+# 3. ERRORS
+# ============================================================================
+class HTTPError(Exception):
+    """An error with the HTTP status to send. Raise it anywhere in a handler."""
+
+    def __init__(self, status, message, *, param=None, code=None, headers=(), close=False):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = list(headers)
+        self.close = close  # the connection cannot be reused (framing is lost)
+
+
+# Engine errors -> HTTP status (engines/__init__.py documents the vocabulary).
+ENGINE_STATUS = [(engines.BadInput, 400), (engines.NotFound, 404),
+                 (engines.TooLarge, 413), (engines.Busy, 503), (engines.Unavailable, 503)]
+
+
+# ============================================================================
+# 4. HTTP/1.1 WIRE
+# ============================================================================
+# Theory of operation. Each connection is one asyncio task running
+# `serve_connection`. It owns a byte buffer fed from the StreamReader; requests
+# are parsed from that buffer strictly one after another, so pipelined requests
+# are answered in order. A head is read under HEADER_TIMEOUT (from its first
+# byte; the wait for that byte is the keep-alive timeout), parsed strictly
+# (RFC 9112: CRLF only, no obs-fold, no whitespace before the colon, one Host,
+# one Content-Length, chunked as the only transfer coding, never both). The route
+# is found before the body is read, so its body limit applies while reading
+# (413 before a byte is buffered when Content-Length says too much). While a
+# handler runs, a watcher keeps reading: EOF means the client left, which cancels
+# a non-streaming handler and closes a stream.
+
+TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789"
+                        b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class Request:
+    """One parsed request. `body` is filled in after the route is known."""
+
+    def __init__(self, method, target, version, header_list):
+        self.method, self.target, self.version = method, target, version
+        self.header_list = header_list                       # [(lower name, value)]
+        self.headers = {}
+        for name, value in header_list:                      # repeated fields join (RFC 9110 5.3)
+            self.headers[name] = self.headers[name] + ", " + value if name in self.headers else value
+        split = urlsplit(target)
+        self.path = split.path or "/"
+        self.query = parse_qs(split.query, keep_blank_values=True)
+        self.body = b""
+        self.app = None
+        self.gone = None              # asyncio.Event: the client has disconnected
+        self.path_param = None        # the tail of a prefix route (/v1/models/{id})
+        self.client = ""
+
+    @property
+    def is_v1(self):
+        return self.path.startswith("/v1/") or self.path == "/v1"
+
+    def json_body(self):
+        """The body as a JSON object, strictly: no NaN/Infinity, no overflow to inf."""
+        if not self.body:
+            raise HTTPError(400, "request body must be a JSON object")
+        try:
+            value = json.loads(self.body, parse_constant=_reject_constant, parse_float=_finite_float)
+        except UnicodeDecodeError:
+            raise HTTPError(400, "request body is not valid UTF-8")
+        except ValueError as exc:
+            raise HTTPError(400, "invalid JSON: %s" % exc)
+        if not isinstance(value, dict):
+            raise HTTPError(400, "request body must be a JSON object")
+        return value
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number %s is out of range" % text[:32])
+    return value
+
+
+def parse_head(head):
+    """Parse a request head (bytes, without the final CRLFCRLF) into a Request.
+
+    Raises HTTPError(400/414/431/505, close=True) on anything malformed."""
+    if b"\r" in head.replace(b"\r\n", b""):
+        raise HTTPError(400, "bare CR in request head", close=True)
+    lines = head.split(b"\r\n")
+    if any(b"\n" in line for line in lines):
+        raise HTTPError(400, "bare LF in request head", close=True)
+    request_line = lines[0]
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise HTTPError(414, "request line too long", close=True)
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise HTTPError(400, "malformed request line", close=True)
+    method, target, version = parts
+    if not set(method) <= TOKEN_CHARS:
+        raise HTTPError(400, "malformed method", close=True)
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        if version.startswith(b"HTTP/") and version[5:6].isdigit():
+            raise HTTPError(505, "HTTP version not supported", close=True)
+        raise HTTPError(400, "malformed HTTP version", close=True)
+    if any(c < 0x21 or c == 0x7F for c in target):
+        raise HTTPError(400, "malformed request target", close=True)
+    if not (target.startswith(b"/") or (method == b"OPTIONS" and target == b"*")):
+        raise HTTPError(400, "request target must be an absolute path", close=True)
+    if len(lines) - 1 > MAX_HEADER_COUNT:
+        raise HTTPError(431, "too many header fields", close=True)
+    if len(head) - len(request_line) - 2 > MAX_HEADER_BYTES:
+        raise HTTPError(431, "request header block too large", close=True)
+    header_list = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise HTTPError(400, "obsolete line folding is not allowed", close=True)
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not set(name) <= TOKEN_CHARS:
+            raise HTTPError(400, "malformed header field", close=True)
+        value = value.strip(b" \t")
+        if any((c < 0x20 and c != 0x09) or c == 0x7F for c in value):
+            raise HTTPError(400, "invalid character in header value", close=True)
+        header_list.append((name.decode("ascii").lower(), value.decode("latin-1")))
+    req = Request(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), header_list)
+    hosts = [v for n, v in header_list if n == "host"]
+    if len(hosts) > 1 or (req.version == "HTTP/1.1" and not hosts):
+        raise HTTPError(400, "exactly one Host header is required", close=True)
+    return req
+
+
+def body_framing(req):
+    """Return ("none", 0), ("length", n) or ("chunked", None); strict (RFC 9112 6)."""
+    lengths = [v for n, v in req.header_list if n == "content-length"]
+    codings = [v for n, v in req.header_list if n == "transfer-encoding"]
+    if lengths and codings:
+        raise HTTPError(400, "Content-Length with Transfer-Encoding is not allowed", close=True)
+    if codings:
+        if req.version == "HTTP/1.0" or len(codings) > 1 or codings[0].strip().lower() != "chunked":
+            raise HTTPError(400, "only the chunked transfer coding is supported", close=True)
+        return "chunked", None
+    if lengths:
+        if len(lengths) > 1 or not lengths[0].isdigit() or len(lengths[0]) > 15:
+            raise HTTPError(400, "invalid Content-Length", close=True)
+        return "length", int(lengths[0])
+    return "none", 0
+
+
+class Connection:
+    """The read side of one connection: a buffer over a StreamReader."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+        self.buf = bytearray()
+        self.eof = False
+
+    async def _fill(self, timeout):
+        data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
+        if not data:
+            self.eof = True
+        self.buf += data
+        return bool(data)
+
+    async def read_head(self):
+        """The next request head, or None on a clean close between requests."""
+        deadline = None
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self.buf[:end])
+                del self.buf[:end + 4]
+                return head
+            first_line_end = self.buf.find(b"\r\n")
+            if (first_line_end < 0 and len(self.buf) > MAX_REQUEST_LINE) or first_line_end > MAX_REQUEST_LINE:
+                raise HTTPError(414, "request line too long", close=True)
+            if len(self.buf) > MAX_HEADER_BYTES + MAX_REQUEST_LINE:
+                raise HTTPError(431, "request header block too large", close=True)
+            if self.buf.startswith(b"\r\n"):       # RFC 9112 2.2: ignore a leading empty line
+                del self.buf[:2]
+                continue
+            if not self.buf:
+                timeout = KEEPALIVE_TIMEOUT
+            else:
+                deadline = deadline or time.monotonic() + HEADER_TIMEOUT
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    raise asyncio.TimeoutError
+            if self.eof or not await self._fill(timeout):
+                if self.buf:
+                    raise HTTPError(400, "connection closed mid-request", close=True)
+                return None
+
+    async def read_exact(self, n, limit_left=None):
+        while len(self.buf) < n:
+            if self.eof or not await self._fill(BODY_IDLE_TIMEOUT):
+                raise ConnectionResetError("client closed mid-body")
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    async def read_line(self, limit):
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[:end + 2]
+                return line
+            if len(self.buf) > limit:
+                raise HTTPError(400, "chunk framing line too long", close=True)
+            if self.eof or not await self._fill(BODY_IDLE_TIMEOUT):
+                raise ConnectionResetError("client closed mid-body")
+
+    async def read_body(self, framing, length, limit):
+        if framing == "length":
+            if length > limit:
+                raise HTTPError(413, "request body too large (limit %d bytes)" % limit, close=True)
+            return await self.read_exact(length)
+        if framing == "none":
+            return b""
+        body = bytearray()                                     # chunked (RFC 9112 7.1)
+        while True:
+            line = await self.read_line(MAX_CHUNK_LINE)
+            size_text = line.split(b";", 1)[0].strip(b" \t")
+            if not size_text or len(size_text) > 15 or not all(c in b"0123456789abcdefABCDEF" for c in size_text):
+                raise HTTPError(400, "invalid chunk size", close=True)
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            if len(body) + size > limit:
+                raise HTTPError(413, "request body too large (limit %d bytes)" % limit, close=True)
+            body += await self.read_exact(size)
+            if await self.read_exact(2) != b"\r\n":
+                raise HTTPError(400, "chunk data not followed by CRLF", close=True)
+        trailer_bytes = 0
+        while True:                                            # trailers: read and drop
+            line = await self.read_line(MAX_TRAILER_BYTES)
+            if not line:
+                return bytes(body)
+            trailer_bytes += len(line)
+            if trailer_bytes > MAX_TRAILER_BYTES or b":" not in line:
+                raise HTTPError(400, "invalid chunked trailer", close=True)
+
+
+# ============================================================================
+# 5. RESPONSES AND STREAMS
+# ============================================================================
+class Response:
+    def __init__(self, status=200, body=b"", content_type="application/json", headers=()):
+        self.status, self.body, self.content_type = status, body, content_type
+        self.headers = list(headers)
+
+
+class StreamResponse:
+    """A body produced over time: written with chunked transfer coding.
+
+    `chunks` is an async iterator of bytes; `on_error(exc) -> bytes` renders an
+    error raised after the stream started (sent in-band, then the stream ends)."""
+
+    def __init__(self, content_type, chunks, status=200, headers=(), on_error=None):
+        self.status, self.content_type, self.chunks = status, content_type, chunks
+        self.headers = list(headers)
+        self.on_error = on_error
+        self.first = None          # the first chunk, taken before the head is sent
+
+
+def json_bytes(obj):
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def json_response(obj, status=200, headers=()):
+    return Response(status, json_bytes(obj), "application/json", headers)
+
+
+def text_response(text, status=200, content_type="text/plain; charset=utf-8", headers=()):
+    return Response(status, text.encode("utf-8"), content_type, headers)
+
+
+async def aclose_quietly(iterator):
+    """Close an async iterator now (not at garbage collection), so engines stop."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def sse_response(events):
+    """Server-Sent Events as OpenAI sends them: data: {json} ... data: [DONE]."""
+    async def chunks():
+        try:
+            async for event in events:
+                yield b"data: " + json_bytes(event) + b"\n\n"
+        finally:
+            await aclose_quietly(events)
+        yield b"data: [DONE]\n\n"
+    return StreamResponse("text/event-stream", chunks(),
+                          headers=[("Cache-Control", "no-cache")],
+                          on_error=lambda exc: b"data: " + json_bytes(error_body(exc, True)) + b"\n\n")
+
+
+def ndjson_response(objects):
+    """Newline-delimited JSON, as Ollama streams."""
+    async def chunks():
+        try:
+            async for obj in objects:
+                yield json_bytes(obj) + b"\n"
+        finally:
+            await aclose_quietly(objects)
+    return StreamResponse("application/x-ndjson", chunks(),
+                          on_error=lambda exc: json_bytes(error_body(exc, False)) + b"\n")
+
+
+_date_cache = [0, ""]
+
+
+def http_date():
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return _date_cache[1]
+
+
+def head_bytes(status, headers):
+    lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown")),
+             "Date: " + http_date(), "Server: localai/" + VERSION]
+    lines += ["%s: %s" % (k, v) for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def drain(writer):
+    """Wait until the client takes our bytes; a client that stalls is dropped."""
+    await asyncio.wait_for(writer.drain(), SEND_STALL_TIMEOUT)
+
+
+# ============================================================================
+# 6. MULTIPART (owner: stt helper)
+# ============================================================================
+
+
+# ============================================================================
+# 7. VALIDATION
+# ============================================================================
+# Small checks that handlers share. JSON gives Python types; note that True is an
+# int in Python, so booleans are rejected explicitly wherever a number is wanted.
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def get_number(obj, key, default=None, lo=None, hi=None, param=None):
+    value = obj.get(key, default)
+    if value is None or value is default:
+        return value
+    if not is_number(value):
+        raise HTTPError(400, "'%s' must be a number" % key, param=param or key)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise HTTPError(400, "'%s' must be between %s and %s" % (key, lo, hi), param=param or key)
+    return value
+
+
+def get_int(obj, key, default=None, lo=None, hi=None, param=None):
+    value = obj.get(key, default)
+    if value is None or value is default:
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise HTTPError(400, "'%s' must be an integer" % key, param=param or key)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise HTTPError(400, "'%s' must be between %s and %s" % (key, lo, hi), param=param or key)
+    return value
+
+
+def get_str(obj, key, default=None, required=False, param=None):
+    value = obj.get(key, default)
+    if value is None:
+        if required:
+            raise HTTPError(400, "'%s' is required" % key, param=param or key)
+        return value
+    if not isinstance(value, str):
+        raise HTTPError(400, "'%s' must be a string" % key, param=param or key)
+    if required and not value:
+        raise HTTPError(400, "'%s' must not be empty" % key, param=param or key)
+    return value
+
+
+def get_bool(obj, key, default=None, param=None):
+    value = obj.get(key, default)
+    if value is None or value is default:
+        return value
+    if not isinstance(value, bool):
+        raise HTTPError(400, "'%s' must be true or false" % key, param=param or key)
+    return value
+
+
+# ============================================================================
+# 8. MODEL HANDLERS (owner: models helper)
+# ============================================================================
+async def h_v1_models(req):
+    raise HTTPError(501, "not implemented yet")
+
+
+async def h_v1_model(req):
+    raise HTTPError(501, "not implemented yet")
+
+
+async def h_api_tags(req):
+    raise HTTPError(501, "not implemented yet")
+
+
+async def h_api_show(req):
+    raise HTTPError(501, "not implemented yet")
+
+
+async def h_api_ps(req):
+    raise HTTPError(501, "not implemented yet")
+
+
+# ============================================================================
+# 9. IMAGE INPUTS (owner: vlm helper)
+# ============================================================================
+async def gather_images(app, messages=None, images=None):
+    """(list of image bytes, list of message index per image). Stub: no images."""
+    return [], []
+
+
+# ============================================================================
+# 10. CHAT AND COMPLETION HANDLERS (owner: llm helper)
+# ============================================================================
+async def h_chat_completions(req):
+    raise HTTPError(501, "not implemented yet")
+
+
+async def h_completions(req):
+    raise HTTPError(501, "not implemented yet")
+
+
+async def h_api_chat(req):
+    raise HTTPError(501, "not implemented yet")
+
+
+async def h_api_generate(req):
+    raise HTTPError(501, "not implemented yet")
+
+
+# ============================================================================
+# 11. AUDIO HANDLERS (owners: stt helper h_transcriptions; tts helper the rest)
+# ============================================================================
+async def h_transcriptions(req):
+    raise HTTPError(501, "not implemented yet")
+
+
+async def h_speech(req):
+    raise HTTPError(501, "not implemented yet")
+
+
+async def h_audio_voices(req):
+    raise HTTPError(501, "not implemented yet")
+
+
+async def h_audio_models(req):
+    raise HTTPError(501, "not implemented yet")
+
+
+# ============================================================================
+# 12. SYSTEM HANDLERS AND THE ROUTE TABLE
+# ============================================================================
+async def h_root(req):
+    return text_response("localai is running\n")
+
+
+async def h_status(req):
+    app = req.app
+    return json_response({"status": app.status, "message": app.status_message})
+
+
+async def h_version(req):
+    return json_response({"version": VERSION})
+
+
+async def h_brightness_get(req):
+    return json_response({"brightness": await run_blocking(req.app.brightness.get)})
+
+
+async def h_brightness_set(req):
+    body = req.json_body()
+    if "brightness" not in body:
+        raise HTTPError(400, "'brightness' is required")
+    value = body["brightness"]
+    if not is_number(value):
+        raise HTTPError(400, "'brightness' must be a finite number")
+    applied = await run_blocking(req.app.brightness.set, min(1.0, max(0.0, float(value))))
+    return json_response({"requestedBrightness": value, "appliedBrightness": applied})
+
+
+class Route:
+    def __init__(self, methods, body_limit=0, public=False):
+        self.methods = dict(methods)
+        if "GET" in self.methods and "HEAD" not in self.methods:
+            self.methods["HEAD"] = self.methods["GET"]      # HEAD: GET's headers, no body
+        self.body_limit = body_limit
+        self.public = public                                 # no API key needed
+
+
+ROUTES = {
+    "/": Route({"GET": h_root}, public=True),
+    "/status": Route({"GET": h_status}, public=True),
+    "/api/version": Route({"GET": h_version}),
+    "/api/services/screen/brightness": Route({"GET": h_brightness_get, "POST": h_brightness_set}, BODY_SMALL),
+    # OpenAI dialect
+    "/v1/models": Route({"GET": h_v1_models}),
+    "/v1/chat/completions": Route({"POST": h_chat_completions}, BODY_CHAT),
+    "/v1/chat": Route({"POST": h_chat_completions}, BODY_CHAT),
+    "/v1/completions": Route({"POST": h_completions}, BODY_CHAT),
+    "/v1/audio/transcriptions": Route({"POST": h_transcriptions}, BODY_TRANSCRIPTION),
+    "/v1/audio/speech": Route({"POST": h_speech}, BODY_SPEECH),
+    "/v1/audio/voices": Route({"GET": h_audio_voices}),
+    "/v1/audio/models": Route({"GET": h_audio_models}),
+    # Ollama dialect
+    "/api/tags": Route({"GET": h_api_tags}),
+    "/api/ps": Route({"GET": h_api_ps}),
+    "/api/show": Route({"POST": h_api_show}, BODY_SMALL),
+    "/api/chat": Route({"POST": h_api_chat}, BODY_CHAT),
+    "/api/generate": Route({"POST": h_api_generate}, BODY_CHAT),
+}
+# Routes with one trailing path parameter (passed as req.path_param).
+PREFIX_ROUTES = {
+    "/v1/models/": Route({"GET": h_v1_model}),
+}
+
+
+def find_route(path):
+    route = ROUTES.get(path)
+    if route is None:
+        for prefix, candidate in PREFIX_ROUTES.items():
+            if path.startswith(prefix) and len(path) > len(prefix):
+                return candidate, path[len(prefix):]
+    return route, None
+
+
+# ============================================================================
+# 13. ENGINE BRIDGE
+# ============================================================================
+# Engines block (MLX, vosk, espeak). They run in threads; results come back to
+# the loop through futures (`call_soon_threadsafe` underneath). Every call gets a
+# `cancel` Event that is set when the waiting handler is cancelled, which happens
+# when its client disconnects, so engines stop early and queued work never runs.
+_bridge_pool = ThreadPoolExecutor(max_workers=BRIDGE_THREADS, thread_name_prefix="bridge")
+
+
+async def run_blocking(fn, *args, **kwargs):
+    """Run fn(*args, cancel=Event, **kwargs) in a thread; cancelling us sets the Event."""
+    cancel = threading.Event()
+    if _accepts_cancel(fn):
+        kwargs["cancel"] = cancel
+    future = asyncio.get_running_loop().run_in_executor(_bridge_pool, functools.partial(fn, *args, **kwargs))
+    try:
+        return await future
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_cancel(fn):
+    import inspect
+    try:
+        return "cancel" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+async def iterate_blocking(fn, *args, **kwargs):
+    """Async iterator over the blocking iterator fn(*args, cancel=Event, **kwargs).
+
+    A thread drives the iterator and hands items to the loop; closing this
+    iterator (the client left) sets the Event, and the engine stops at its next
+    check."""
+    loop = asyncio.get_running_loop()
+    queue = asyncio.Queue()
+    cancel = threading.Event()
+    kwargs["cancel"] = cancel
+
+    def put(item):
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:            # the loop is closed: nobody is listening
+            cancel.set()
+
+    def drive():
+        try:
+            for item in fn(*args, **kwargs):
+                put(("item", item))
+                if cancel.is_set():
+                    break
+            put(("end", None))
+        except BaseException as exc:     # delivered to the awaiting handler
+            put(("error", exc))
+
+    threading.Thread(target=drive, name="stream", daemon=True).start()
+    try:
+        while True:
+            kind, item = await queue.get()
+            if kind == "item":
+                yield item
+            elif kind == "error":
+                raise item
+            else:
+                return
+    finally:
+        cancel.set()
+
+
+# ============================================================================
+# 14. SECURITY CHECKS
+# ============================================================================
+def check_api_key(req, route):
+    key = req.app.config.api_key
+    if not key or route.public or req.method == "OPTIONS":
+        return
+    auth = req.headers.get("authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else req.headers.get("x-api-key", "")
+    if not given or not hmac.compare_digest(given.encode("utf-8"), key.encode("utf-8")):
+        raise HTTPError(401, "missing or invalid API key", code="invalid_api_key",
+                        headers=[("WWW-Authenticate", 'Bearer realm="localai"')])
+
+
+def host_allowed(app, host_header):
+    """DNS-rebinding guard: the Host must be an IP literal or a name of this machine."""
+    if host_header is None:
+        return True                                       # HTTP/1.0 without Host
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    host = host.rstrip(".")
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    return host in app.allowed_hosts or "*" in app.allowed_hosts or host.endswith(".localhost")
+
+
+def origin_allowed(app, origin):
+    if "*" in app.allowed_origins:
+        return True
+    return origin.rstrip("/").lower() in app.allowed_origins
+
+
+def cors_headers(req):
+    origin = req.headers.get("origin")
+    if origin is None:
+        return []
+    return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+
+
+def preflight(req, route):
+    allow = ", ".join(sorted(route.methods) + ["OPTIONS"])
+    headers = [("Allow", allow)]
+    if "origin" in req.headers and "access-control-request-method" in req.headers:
+        headers += cors_headers(req) + [
+            ("Access-Control-Allow-Methods", allow),
+            ("Access-Control-Allow-Headers",
+             req.headers.get("access-control-request-headers", "Authorization, Content-Type")),
+            ("Access-Control-Max-Age", "600")]
+    return Response(204, b"", "", headers)
+
+
+# ============================================================================
+# 15. CONNECTION LOOP (the one place that turns exceptions into responses)
+# ============================================================================
+def error_body(exc, openai_shape):
+    """The JSON body for an exception: OpenAI's error object or {"error": "..."}."""
+    status, message, param, code = 500, "internal server error", None, None
+    if isinstance(exc, HTTPError):
+        status, message, param, code = exc.status, exc.message, exc.param, exc.code
+    elif isinstance(exc, engines.EngineError):
+        status = next(s for cls, s in ENGINE_STATUS if isinstance(exc, cls))
+        message, param = exc.message, exc.param
+    if not openai_shape:
+        return {"error": message}
+    return {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "server_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(exc, req):
+    """Turn any exception into a Response. Unexpected ones are logged, never shown."""
+    if isinstance(exc, HTTPError):
+        status, headers = exc.status, list(exc.headers)
+    elif isinstance(exc, engines.EngineError):
+        status = next(s for cls, s in ENGINE_STATUS if isinstance(exc, cls))
+        headers = [("Retry-After", str(exc.retry_after))] if isinstance(exc, engines.Busy) else []
+    else:
+        status, headers = 500, []
+        log.error("unhandled error on %s %s\n%s", req.method if req else "-", req.path if req else "-",
+                  "".join(traceback.format_exception(exc)))
+    if status == 405 and req is not None:
+        route, _ = find_route(req.path)
+        if route:
+            headers.append(("Allow", ", ".join(sorted(route.methods) + ["OPTIONS"])))
+    openai_shape = req is not None and req.is_v1
+    return Response(status, json_bytes(error_body(exc, openai_shape)), "application/json", headers)
+
+
+class App:
+    """Server-wide state: configuration, engines, status."""
+
+    def __init__(self, config):
+        self.config = config
+        self.state = {}
+        self.status, self.status_message = "Running", "Server is currently running."
+        self.allowed_hosts = {"localhost", socket.gethostname().lower(),
+                              socket.gethostname().lower() + ".local"}
+        self.allowed_hosts |= {h.strip().lower() for h in (config.allowed_hosts or "").split(",") if h.strip()}
+        self.allowed_origins = {o.strip().rstrip("/").lower()
+                                for o in (config.allowed_origins or "").split(",") if o.strip()}
+        self.connections = set()
+        self.busy = set()            # connections with a request in flight
+        self.stopping = False
+        self._catalog = None
+        self._brightness = None
+
+    @property
+    def catalog(self):
+        if self._catalog is None:
+            from engines.catalog import Catalog
+            self._catalog = Catalog(self.config.models_dir)
+        return self._catalog
+
+    @property
+    def brightness(self):
+        if self._brightness is None:
+            from engines.brightness import Brightness
+            self._brightness = Brightness(self.config.backlight_root,
+                                          Path(self.config.state_dir) / "brightness.json")
+        return self._brightness
+
+
+async def write_response(writer, req, resp, keep_alive, extra_headers):
+    """Write a whole or streamed response. Returns bytes of body sent."""
+    headers = list(resp.headers) + extra_headers
+    if resp.content_type:
+        headers.append(("Content-Type", resp.content_type))
+    if not keep_alive:
+        headers.append(("Connection", "close"))
+    elif req is not None and req.version == "HTTP/1.0":
+        headers.append(("Connection", "keep-alive"))
+    is_head = req is not None and req.method == "HEAD"
+    if isinstance(resp, Response):
+        if resp.status not in (204, 304) and not (100 <= resp.status < 200):
+            headers.append(("Content-Length", str(len(resp.body))))
+        writer.write(head_bytes(resp.status, headers) + (b"" if is_head else resp.body))
+        await drain(writer)
+        return 0 if is_head else len(resp.body)
+    # Streaming: chunked transfer coding (HTTP/1.0 gets the raw body then close).
+    chunked = req.version == "HTTP/1.1"
+    if chunked:
+        headers.append(("Transfer-Encoding", "chunked"))
+    writer.write(head_bytes(resp.status, headers))
+    sent = 0
+    try:
+        try:
+            async for data in _prepend(resp.first, resp.chunks):
+                if not data:
+                    continue
+                writer.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                sent += len(data)
+                await drain(writer)
+        except (ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
+            raise
+        except Exception as exc:                          # in-band error, then end the stream
+            if not isinstance(exc, (HTTPError, engines.EngineError)):
+                log.error("error in stream %s\n%s", req.path, "".join(traceback.format_exception(exc)))
+            data = resp.on_error(exc) if resp.on_error else b""
+            if data:
+                writer.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                sent += len(data)
+        if chunked:
+            writer.write(b"0\r\n\r\n")
+        await drain(writer)
+    finally:
+        await resp.chunks.aclose()
+    return sent
+
+
+async def _prepend(first, rest):
+    if first is not None:
+        yield first
+        async for item in rest:
+            yield item
+
+
+async def watch_client(conn, gone, task):
+    """While a request is handled, read ahead; EOF means the client left."""
+    try:
+        while not conn.eof and len(conn.buf) < PIPELINE_BUFFER:
+            data = await conn.reader.read(READ_CHUNK)
+            if not data:
+                conn.eof = True
+                break
+            conn.buf += data
+        if conn.eof:
+            gone.set()
+            if task is not None and not task.done():
+                task.cancel()
+    except (ConnectionError, OSError):
+        gone.set()
+        if task is not None and not task.done():
+            task.cancel()
+
+
+async def handle_one(app, conn, req):
+    """Route, check, read the body, run the handler, write the response.
+
+    Returns True when the connection may be reused."""
+    writer = conn.writer
+    keep_alive = (req.headers.get("connection", "").lower() != "close" if req.version == "HTTP/1.1"
+                  else "keep-alive" in req.headers.get("connection", "").lower())
+    started, status, sent = time.monotonic(), 500, 0
+    body_read = False
+    extra = []
+    try:
+        framing, length = body_framing(req)
+        body_read = framing == "none"
+        if not host_allowed(app, req.headers.get("host")):
+            raise HTTPError(403, "host not allowed")
+        origin = req.headers.get("origin")
+        if origin is not None:
+            if not origin_allowed(app, origin):
+                raise HTTPError(403, "origin not allowed")
+            extra = cors_headers(req)
+        route, req.path_param = find_route(req.path)
+        if route is None:
+            raise HTTPError(404, "not found: %s" % req.path)
+        if req.method == "OPTIONS":
+            handler = None
+        elif req.method not in route.methods:
+            raise HTTPError(405, "method %s not allowed" % req.method)
+        else:
+            handler = route.methods[req.method]
+        check_api_key(req, route)
+        expect = req.headers.get("expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise HTTPError(417, "unsupported Expect")
+        if framing == "length" and length > route.body_limit:
+            raise HTTPError(413, "request body too large (limit %d bytes)" % route.body_limit)
+        if framing != "none" and length != 0 and expect is not None and req.version == "HTTP/1.1":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await drain(writer)
+        req.body = await conn.read_body(framing, length, route.body_limit)
+        body_read = True
+        if handler is None:
+            resp = preflight(req, route)
+        else:
+            resp = await run_handler(conn, req, handler)
+    except (ConnectionError, asyncio.TimeoutError):
+        raise
+    except asyncio.CancelledError:
+        if req.gone is not None and req.gone.is_set():
+            raise ConnectionResetError("client left")
+        raise
+    except Exception as exc:
+        resp = error_response(exc, req)
+        if isinstance(exc, HTTPError) and exc.close:
+            keep_alive = False
+    if not body_read:
+        keep_alive = False          # the unread body would be taken for the next request
+    if app.stopping or (isinstance(resp, StreamResponse) and req.version == "HTTP/1.0"):
+        keep_alive = False          # an HTTP/1.0 stream ends by closing
+    status = resp.status
+    try:
+        if isinstance(resp, StreamResponse):
+            gone = req.gone or asyncio.Event()
+            watcher = asyncio.ensure_future(watch_client(conn, gone, asyncio.current_task()))
+            try:
+                sent = await write_response(writer, req, resp, keep_alive, extra)
+            finally:
+                watcher.cancel()
+        else:
+            sent = await write_response(writer, req, resp, keep_alive, extra)
+    finally:
+        access_log.info('%s "%s %s %s" %d %d %.1fms', req.client, req.method, req.path, req.version,
+                        status, sent, (time.monotonic() - started) * 1000)
+    return keep_alive
+
+
+async def run_handler(conn, req, handler):
+    """Run a handler; a client that disconnects meanwhile cancels it."""
+    req.gone = asyncio.Event()
+
+    async def call():
+        resp = await handler(req)
+        if isinstance(resp, StreamResponse):
+            # Take the first piece before the status line goes out, so an error the
+            # engine finds at once (bad model, prompt too long) is a real 4xx.
+            resp.first = await anext(resp.chunks, None)
+        return resp
+    task = asyncio.ensure_future(call())
+    watcher = asyncio.ensure_future(watch_client(conn, req.gone, task))
+    try:
+        return await task
+    finally:
+        watcher.cancel()
+        try:
+            await watcher
+        except asyncio.CancelledError:
+            pass
+
+
+async def serve_connection(app, reader, writer):
+    conn = Connection(reader, writer)
+    peer = writer.get_extra_info("peername")
+    client = peer[0] if isinstance(peer, tuple) else str(peer)
+    task = asyncio.current_task()
+    app.connections.add(task)
+    try:
+        while not app.stopping:
+            req = None
+            try:
+                head = await conn.read_head()
+                if head is None:
+                    break
+                app.busy.add(task)
+                req = parse_head(head)
+                req.app, req.client = app, client
+            except HTTPError as exc:
+                writer.write(head_bytes(exc.status, [("Content-Type", "application/json"),
+                                                     ("Content-Length", str(len(json_bytes({"error": exc.message})))),
+                                                     ("Connection", "close")]) + json_bytes({"error": exc.message}))
+                await drain(writer)
+                access_log.info('%s "- - -" %d 0', client, exc.status)
+                break
+            if not await handle_one(app, conn, req):
+                break
+            app.busy.discard(task)
+    except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError, OSError):
+        pass
+    except asyncio.CancelledError:
+        pass
+    except Exception as exc:  # a bug in the wire layer: log, drop this connection only
+        log.error("connection error\n%s", "".join(traceback.format_exception(exc)))
+    finally:
+        app.busy.discard(task)
+        app.connections.discard(task)
+        writer.close()
+
+
+# ============================================================================
+# 16. CLI AND MAIN
+# ============================================================================
+def default_state_dir():
+    return os.environ.get("LOCALAI_STATE_DIR") or str(Path.home() / ".local" / "state" / "localai")
+
+
+def build_parser():
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="localai.py", description="A local AI server (OpenAI and Ollama APIs).")
+    p.add_argument("--host", default=env("LOCALAI_HOST", "0.0.0.0"), help="address to bind (LOCALAI_HOST)")
+    p.add_argument("--port", type=int, default=int(env("LOCALAI_PORT", DEFAULT_PORT)),
+                   help="port, 0 for any free one (LOCALAI_PORT)")
+    p.add_argument("--no-mdns", action="store_true", default=env("LOCALAI_NO_MDNS", "") not in ("", "0"),
+                   help="do not announce with Bonjour (LOCALAI_NO_MDNS=1)")
+    p.add_argument("--models-dir", default=env("LOCALAI_MODELS_DIR", str(Path.home() / ".cache" / "localai" / "models")),
+                   help="model store (LOCALAI_MODELS_DIR)")
+    p.add_argument("--model", default=env("LOCALAI_MODEL"), help="default model (LOCALAI_MODEL)")
+    p.add_argument("--api-key", default=env("LOCALAI_API_KEY"), help="require this key (LOCALAI_API_KEY)")
+    p.add_argument("--allowed-origins", default=env("LOCALAI_ALLOWED_ORIGINS",
+                   "http://localhost,https://localhost,http://127.0.0.1,https://127.0.0.1,http://[::1],https://[::1]"),
+                   help="comma-separated browser origins allowed (scheme://host[:port]); * for any (LOCALAI_ALLOWED_ORIGINS)")
+    p.add_argument("--allowed-hosts", default=env("LOCALAI_ALLOWED_HOSTS", ""),
+                   help="extra Host names accepted besides IPs, localhost and this machine's names; * for any")
+    p.add_argument("--allow-image-urls", action="store_true",
+                   default=env("LOCALAI_ALLOW_IMAGE_URLS", "") not in ("", "0"),
+                   help="let requests name http(s) image URLs (LOCALAI_ALLOW_IMAGE_URLS=1)")
+    p.add_argument("--media-dir", default=env("LOCALAI_MEDIA_DIR"),
+                   help="let requests name image files inside this directory (LOCALAI_MEDIA_DIR)")
+    p.add_argument("--stt-model", action="append", default=[p for p in env("LOCALAI_STT_MODEL", "").split(os.pathsep) if p],
+                   help="a vosk model directory (repeatable; LOCALAI_STT_MODEL, path-separated)")
+    p.add_argument("--state-dir", default=default_state_dir(), help="where settings are kept (LOCALAI_STATE_DIR)")
+    p.add_argument("--backlight-root", default=env("LOCALAI_BACKLIGHT_ROOT", "/sys/class/backlight"),
+                   help="sysfs backlight directory (LOCALAI_BACKLIGHT_ROOT)")
+    p.add_argument("--log-level", default=env("LOCALAI_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"], help="(LOCALAI_LOG_LEVEL)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    s = sub.add_parser("import", help="import a GGUF file into the model store")
+    s.add_argument("file")
+    s.add_argument("--name")
+    s = sub.add_parser("pull", help="download an MLX model from the Hugging Face hub")
+    s.add_argument("repo")
+    s = sub.add_parser("pull-speech", help="download a vosk speech model for a language")
+    s.add_argument("lang")
+    sub.add_parser("list", help="list installed models")
+    return p
+
+
+def cmd_import(config):
+    print("import: not implemented yet", file=sys.stderr)
+    return 2
+
+
+def cmd_pull(config):
+    print("pull: not implemented yet", file=sys.stderr)
+    return 2
+
+
+def cmd_list(config):
+    print("list: not implemented yet", file=sys.stderr)
+    return 2
+
+
+def cmd_pull_speech(config):
+    print("pull-speech: not implemented yet", file=sys.stderr)
+    return 2
+
+
+def prepare_models(app):
+    """Start-up hook (models helper): import the embedded default when the store is empty."""
+
+
+def lan_addresses():
+    """IPv4 addresses other devices can use to reach us (best effort, no packets sent)."""
+    found = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.add(info[4][0])
+    except OSError:
+        pass
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.connect(("192.0.2.1", 9))       # TEST-NET: connect() on UDP sends nothing
+        found.add(probe.getsockname()[0])
+        probe.close()
+    except OSError:
+        pass
+    return sorted(a for a in found if not a.startswith("127."))
+
+
+async def serve(config):
+    app = App(config)
+    prepare_models(app)
+    server = await asyncio.start_server(lambda r, w: serve_connection(app, r, w), config.host, config.port,
+                                        limit=READ_CHUNK, reuse_address=True)
+    port = server.sockets[0].getsockname()[1]
+    app.port = port
+    print("localai %s listening on %s:%d" % (VERSION, config.host, port), flush=True)
+    if config.host in ("0.0.0.0", "::", ""):
+        for addr in lan_addresses():
+            print("  on your network:  http://%s:%d   (OpenAI base_url: http://%s:%d/v1)" % (addr, port, addr, port))
+    print("  on this machine:  http://127.0.0.1:%d" % port, flush=True)
+    advertiser = None
+    if not config.no_mdns:
+        from engines import mdns
+        advertiser = mdns.Advertiser(port, VERSION, host=config.host)
+        app.allowed_hosts.add(advertiser.hostname.lower().rstrip("."))
+        asyncio.get_running_loop().run_in_executor(None, advertiser.start)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("localai: shutting down", flush=True)
+    app.stopping = True
+    server.close()
+    for task in list(app.connections - app.busy):        # idle keep-alive connections
+        task.cancel()
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while app.busy and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for task in list(app.connections):
+        task.cancel()
+    if advertiser is not None:
+        await loop.run_in_executor(None, advertiser.stop)
+    return 0
+
+
+def main(argv=None):
+    config = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, config.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    commands = {"import": cmd_import, "pull": cmd_pull, "list": cmd_list, "pull-speech": cmd_pull_speech}
+    if config.command:
+        return commands[config.command](config)
+    try:
+        return asyncio.run(serve(config))
+    except OSError as exc:
+        print("localai: cannot listen on %s:%s: %s" % (config.host, config.port, exc.strerror), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
