@@ -276,6 +276,7 @@ def _build_config(md, arch, tensors, quant):
         "name": md.get("general.name", ""),
         "license": md.get("general.license", ""),
         "size_label": md.get("general.size_label", ""),
+        "organization": md.get("general.organization", ""),
         "architecture": arch,
     }
     return cfg
