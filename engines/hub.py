@@ -1,0 +1,102 @@
+"""Pull MLX models from the Hugging Face hub into the model store.
+
+    pull(repo, models_dir, progress=True, cancel=None) -> Path
+
+`repo` is "owner/name" (a bare name means "mlx-community/name"). The files an MLX
+model needs (config, safetensors weights, tokenizer files, model card) are
+downloaded with huggingface_hub (its progress bars on the terminal) into a hidden
+temporary directory in the store, checked to be an MLX model directory, and renamed
+to ``models_dir/<name lower-cased>``; on any failure nothing is left behind.
+
+Offline it fails fast: HF_HUB_OFFLINE set, or the hub host not reachable within
+CONNECT_TIMEOUT, raise engines.Unavailable with a clear message before any
+download starts. No HTTP server code here.
+"""
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from . import BadInput, NotFound, Unavailable
+from .gguf import check_name
+
+CONNECT_TIMEOUT = 5.0      # seconds to reach the hub before calling it offline
+ETAG_TIMEOUT = 10          # huggingface_hub's metadata request timeout (seconds)
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model",
+                  "*.tiktoken", "README.md", "LICENSE*"]
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def parse_repo(repo):
+    """'mlx-community/X' or 'X' -> ('mlx-community/X', 'x'). BadInput otherwise."""
+    if not isinstance(repo, str):
+        raise BadInput("repository must be a string", param="model")
+    repo = repo.strip()
+    if "/" not in repo:
+        repo = "mlx-community/" + repo
+    if not _REPO_RE.match(repo) or ".." in repo:
+        raise BadInput(f"invalid repository name {repo[:100]!r} (expected owner/name)",
+                       param="model")
+    return repo, check_name(repo.split("/", 1)[1].lower())
+
+
+def hub_endpoint():
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def check_online():
+    """Raise Unavailable at once when the hub cannot be reached."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False"):
+        raise Unavailable("cannot pull: offline mode (HF_HUB_OFFLINE is set)")
+    url = urlsplit(hub_endpoint())
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise Unavailable(f"cannot pull: the Hugging Face hub ({host}) is not "
+                          f"reachable ({reason}); are you offline?") from None
+
+
+def pull(repo, models_dir, progress=True, cancel=None):
+    """Download `repo` into the store; returns the model directory."""
+    repo, name = parse_repo(repo)
+    models_dir = Path(models_dir).expanduser()
+    final = models_dir / name
+    if final.exists():
+        raise BadInput(f"model '{name}' is already installed", param="model")
+    check_online()
+    try:
+        import huggingface_hub
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    except ImportError:
+        raise Unavailable("cannot pull: huggingface_hub is not installed "
+                          "(pip install huggingface_hub)") from None
+    if cancel is not None and cancel.is_set():
+        raise Unavailable("pull cancelled")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".pull-{name}-", dir=models_dir))
+    try:
+        (enable_progress_bars if progress else disable_progress_bars)()
+        try:
+            huggingface_hub.snapshot_download(
+                repo_id=repo, local_dir=str(tmp), allow_patterns=ALLOW_PATTERNS,
+                etag_timeout=ETAG_TIMEOUT)
+        except Exception as e:   # the hub library's errors have many classes
+            kind = type(e).__name__
+            if "NotFound" in kind or "Repository" in kind:
+                raise NotFound(f"repository '{repo}' not found on the hub") from None
+            raise Unavailable(f"cannot pull {repo}: {kind}") from None
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)   # hub bookkeeping
+        if not (tmp / "config.json").is_file() or not list(tmp.glob("model*.safetensors")):
+            raise BadInput(f"'{repo}' is not an MLX model repository "
+                           "(no config.json and model*.safetensors)")
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
