@@ -127,6 +127,13 @@ def build(dest, seed=0, embed_scale=0.1):
     weights = dict(tree_flatten(model.parameters()))
     key = "language_model.model.embed_tokens.weight"
     weights[key] = weights[key] * embed_scale
+    # Only printable ASCII (and the end-of-turn token) can win an argmax: the
+    # other output rows are zeroed, so greedy text is visible and comparable.
+    keep = [b for b in range(32, 127)] + [IDS["<|im_end|>"]]
+    row = mx.zeros((VOCAB_SIZE, 1))
+    row[mx.array(keep)] = 1.0
+    hk = "language_model.lm_head.weight"
+    weights[hk] = weights[hk] * row
     # mlx-vlm's sanitize expects the torch layout (out, in, t, h, w) for the 3-D
     # patch convolution, as in every real checkpoint.
     pk = "vision_tower.patch_embed.proj.weight"

@@ -1,0 +1,475 @@
+"""Vision-language models through mlx-vlm: the same interface as engines/llm.py.
+
+OWNER: vlm helper (issue 5). The only module that touches mlx-vlm.
+
+    generate(req: GenRequest, cancel=None) -> iterator of Chunk   (blocking)
+    load(info, keep_alive=None, cancel=None) -> load seconds
+    unload(info, cancel=None)
+    loaded() -> [(ModelInfo, expires_at or None, info dict)]      for /api/ps
+
+``GenRequest``/``Chunk`` are llm's types; sampling (llm's per-request seeded
+sampler), stop sequences (held back until they cannot start a stop), max tokens,
+exact counts and finish reasons behave exactly as for text models. The prompt
+count includes the image tokens: it is the length of the token sequence the
+model actually reads, image placeholders expanded.
+
+Theory of operation
+-------------------
+One worker thread (``_Worker``) owns every mlx-vlm model and does all MLX work
+for this engine (mlx-vlm's generation stream is thread-local). ``generate``
+validates the request in the caller's thread, queues a job (``Busy`` when the
+queue is full) and then waits until the worker has *prepared* it: images
+decoded, chat template applied with each image in the message it came from,
+tokens counted and checked against the context. So a caller sees ``BadInput``
+before it starts a response, exactly as with llm. It then returns an iterator
+over the job's output queue while the worker decodes token by token, checking
+``cancel`` between tokens (a queued job whose cancel is set never runs).
+
+Vision models are decoded one request at a time (mlx-vlm's batch path needs
+equal image sizes); models are unloaded when idle past their keep-alive.
+Images: bytes already checked by engines/images.py, decoded here with Pillow.
+Only images in user messages are accepted (as in OpenAI's API); a raw prompt
+(``req.prompt``) with images is rendered as one user message, since a raw prompt
+has no place for the model's image markers.
+"""
+import dataclasses
+import os
+import queue
+import threading
+import time
+
+from . import BadInput, Busy, EngineError, Unavailable
+from . import images as _images
+from . import llm as _llm
+from .llm import Chunk, GenRequest  # noqa: F401  (re-exported for callers)
+
+# Jobs waiting behind the one being decoded; past this, Busy (503 + Retry-After).
+# Vision prompts carry hundreds of image tokens, so a long queue means minutes.
+MAX_QUEUE = 4
+RETRY_AFTER = 10
+# Vision models resident at once (each is large; text models have their own budget).
+MAX_LOADED = 1
+DEFAULT_KEEP_ALIVE = _llm.DEFAULT_KEEP_ALIVE
+# Prompt tokens per prefill step (mlx-vlm's chunked prefill), as for text models.
+PREFILL_STEP = _llm.PREFILL_STEP
+
+_MISSING = "the vision engine is not installed (pip install mlx-vlm)"
+
+
+def supports_images(info):
+    """True for a model the catalog marked ``vision`` (config.json has vision_config)."""
+    return "vision" in (getattr(info, "capabilities", None) or ())
+
+
+# ---------------------------------------------------------------------------
+# public interface
+# ---------------------------------------------------------------------------
+def generate(req: GenRequest, cancel=None):
+    """Blocking iterator of Chunk; the last has done=True. Raises engines errors
+    (validation, context and queue errors before the iterator is returned)."""
+    _llm._check_request(dataclasses.replace(req, images=[]))
+    if req.images and not supports_images(req.model):
+        raise BadInput(f"model '{req.model.id}' does not support images", param="messages")
+    _images.check_count(len(req.images))
+    slots = list(req.image_slots or [])
+    if req.images and req.messages is not None:
+        if len(slots) != len(req.images):
+            raise BadInput("each image needs the index of its message", param="messages")
+        for s in slots:
+            if not (isinstance(s, int) and 0 <= s < len(req.messages)):
+                raise BadInput("image attached to no message", param="messages")
+            if req.messages[s].get("role") != "user":
+                raise BadInput("images are only accepted in user messages",
+                               param="messages")
+    job = _Job(req, "generate", cancel)
+    _worker().submit(job)
+    first = _next(job)                     # "prepared", or the error that stopped it
+    if first is None:                      # cancelled while waiting
+        return iter(())
+    return _consume(job)
+
+
+def load(info, keep_alive=None, cancel=None):
+    """Load a model (Ollama's empty-prompt generate). Returns load seconds."""
+    job = _Job(GenRequest(model=info, keep_alive=keep_alive), "load", cancel)
+    _worker().submit(job, control=True)
+    _next(job)
+    return job.load_seconds
+
+
+def unload(info, cancel=None):
+    job = _Job(GenRequest(model=info, keep_alive=0), "unload", cancel)
+    _worker().submit(job, control=True)
+    _next(job)
+    return 0.0
+
+
+def loaded():
+    """[(ModelInfo, expires_at unix seconds or None, info dict)] for /api/ps."""
+    w = _WORKER
+    return w.snapshot() if w is not None else []
+
+
+# ---------------------------------------------------------------------------
+# jobs
+# ---------------------------------------------------------------------------
+_PREPARED = object()
+
+
+class _Job:
+    def __init__(self, req, kind, cancel):
+        self.req, self.kind, self.cancel = req, kind, cancel
+        self.out = queue.Queue()
+        self.closed = threading.Event()
+        self.load_seconds = 0.0
+
+    def cancelled(self):
+        return self.closed.is_set() or (self.cancel is not None and self.cancel.is_set())
+
+
+def _next(job):
+    """The job's next output item (raising errors), or None if the caller left."""
+    while True:
+        try:
+            item = job.out.get(timeout=0.1)
+        except queue.Empty:
+            if job.cancelled():
+                job.closed.set()
+                return None
+            continue
+        if isinstance(item, BaseException):
+            job.closed.set()
+            raise item
+        return item
+
+
+def _consume(job):
+    try:
+        while True:
+            item = _next(job)
+            if item is None:
+                return
+            yield item
+            if item.done:
+                return
+    finally:
+        job.closed.set()
+
+
+# ---------------------------------------------------------------------------
+# the worker thread: owns MLX for this engine
+# ---------------------------------------------------------------------------
+class _Resident:
+    def __init__(self, info, model, processor, load_seconds):
+        self.info, self.model, self.processor = info, model, processor
+        self.load_seconds = load_seconds
+        self.keep_alive = DEFAULT_KEEP_ALIVE
+        self.expires_at = time.time() + DEFAULT_KEEP_ALIVE
+        self.busy = False
+
+
+_WORKER = None
+_WORKER_LOCK = threading.Lock()
+
+
+def _worker():
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None:
+            _WORKER = _Worker()
+        return _WORKER
+
+
+class _Worker:
+    def __init__(self):
+        self.cv = threading.Condition()
+        self.pending = []
+        self.models = {}
+        self.counters = {"requests": 0, "tokens_generated": 0, "cancelled": 0,
+                         "cancelled_in_queue": 0, "busy_rejections": 0}
+        self.thread = threading.Thread(target=self._run, name="localai-vlm", daemon=True)
+        self.thread.start()
+
+    def submit(self, job, control=False):
+        with self.cv:
+            self.pending = [j for j in self.pending if not j.cancelled()]
+            if not control and len(self.pending) >= MAX_QUEUE:
+                self.counters["busy_rejections"] += 1
+                raise Busy(f"the vision engine is busy ({len(self.pending)} waiting); "
+                           "retry shortly", retry_after=RETRY_AFTER)
+            self.pending.append(job)
+            self.cv.notify()
+
+    def snapshot(self):
+        with self.cv:
+            return [(m.info, None if m.keep_alive < 0 else m.expires_at,
+                     {"active": int(m.busy), "queued": len(self.pending),
+                      "keep_alive": m.keep_alive, "load_seconds": round(m.load_seconds, 3),
+                      "engine": "mlx-vlm", **self.counters})
+                    for m in self.models.values()]
+
+    # -- the thread ----------------------------------------------------------
+    def _run(self):
+        while True:
+            with self.cv:
+                while True:
+                    dropped = [j for j in self.pending if j.cancelled()]
+                    if dropped:
+                        self.counters["cancelled_in_queue"] += len(dropped)
+                        self.pending = [j for j in self.pending if not j.cancelled()]
+                    if self.pending:
+                        job = self.pending.pop(0)
+                        break
+                    self._expire_idle()
+                    self.cv.wait(timeout=self._next_expiry())
+            try:
+                self._do(job)
+            except EngineError as e:
+                job.out.put(e)
+            except Exception as e:           # never let one request kill the thread
+                job.out.put(EngineError(f"vision generation failed: {type(e).__name__}: "
+                                        f"{_llm._short(e)}"))
+
+    def _next_expiry(self):
+        now = time.time()
+        t = [m.expires_at - now for m in self.models.values() if m.keep_alive >= 0]
+        return max(0.05, min(t)) if t else None
+
+    def _expire_idle(self):
+        now = time.time()
+        for mid, m in list(self.models.items()):
+            if m.keep_alive >= 0 and now >= m.expires_at:
+                self._unload(mid)
+
+    def _unload(self, mid):
+        m = self.models.pop(mid, None)
+        if m is not None:
+            m.model = m.processor = None
+            import gc
+            gc.collect()
+            import mlx.core as mx
+            mx.clear_cache()
+
+    def _touch(self, m, keep_alive):
+        ka = DEFAULT_KEEP_ALIVE if keep_alive is None else float(keep_alive)
+        m.keep_alive = ka
+        m.expires_at = time.time() + max(ka, 0.0)
+
+    def _get(self, info):
+        m = self.models.get(info.id)
+        if m is not None:
+            return m
+        for mid in list(self.models):
+            if len(self.models) >= MAX_LOADED:
+                self._unload(mid)
+        _ensure()
+        from mlx_vlm.utils import load as vlm_load
+        t0 = time.perf_counter()
+        try:
+            model, processor = vlm_load(str(info.path))
+        except Exception as e:
+            raise Unavailable(f"model '{info.id}' failed to load: {type(e).__name__}: "
+                              f"{_llm._short(e)}")
+        m = _Resident(info, model, processor, time.perf_counter() - t0)
+        with self.cv:
+            self.models[info.id] = m
+        return m
+
+    def _do(self, job):
+        info = job.req.model
+        if job.kind == "unload":
+            with self.cv:
+                self._unload(info.id)
+            job.out.put(Chunk(done=True, finish_reason="unload"))
+            return
+        loaded_now = info.id not in self.models
+        m = self._get(info)
+        job.load_seconds = m.load_seconds if loaded_now else 0.0
+        self._touch(m, job.req.keep_alive)
+        if job.kind == "load":
+            job.out.put(Chunk(done=True, finish_reason="load",
+                              load_seconds=job.load_seconds))
+            return
+        m.busy = True
+        try:
+            self._generate(m, job)
+        finally:
+            m.busy = False
+            self._touch(m, job.req.keep_alive)
+            if m.keep_alive == 0:
+                with self.cv:
+                    self._unload(info.id)
+
+    # -- one request -------------------------------------------------------------
+    def _generate(self, m, job):
+        req = job.req
+        t_admit = time.perf_counter()
+        inputs, n_prompt = _prepare(m, req)
+        ctx = _context_length(req.model)
+        if n_prompt >= ctx:
+            raise BadInput(f"the prompt is {n_prompt} tokens (images included), which "
+                           f"does not fit the model's context length of {ctx} tokens",
+                           param="messages" if req.messages is not None else "prompt")
+        max_tokens = min(req.max_tokens, ctx - n_prompt)
+        job.out.put(_PREPARED)
+        self.counters["requests"] += 1
+
+        from mlx_vlm.generate import generate_step
+        from mlx_vlm.tokenizer_utils import make_streaming_detokenizer
+        proc = m.processor
+        tok = proc.tokenizer if hasattr(proc, "tokenizer") else proc
+        eos = set(_eos_ids(m, tok))
+        det = make_streaming_detokenizer(proc)
+        stops = [s for s in req.stop if s]
+        input_ids = inputs.pop("input_ids")
+        pixel_values = inputs.pop("pixel_values", None)
+        mask = inputs.pop("attention_mask", None)
+        gen = generate_step(
+            input_ids, m.model, pixel_values, mask, max_tokens=max_tokens,
+            sampler=_llm._make_sampler(req),
+            repetition_penalty=req.repetition_penalty,
+            repetition_context_size=req.repetition_context_size or 1,
+            presence_penalty=req.presence_penalty or None,
+            presence_context_size=req.repetition_context_size or 1,
+            frequency_penalty=req.frequency_penalty or None,
+            frequency_context_size=req.repetition_context_size or 1,
+            prefill_step_size=PREFILL_STEP, **inputs)
+
+        n_out, held, reason, t_first, hit_stop = 0, "", "length", None, False
+        try:
+            for token, _logprobs in gen:
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if job.cancelled():
+                    self.counters["cancelled"] += 1
+                    return
+                if token in eos:
+                    reason = "stop"
+                    break
+                n_out += 1
+                self.counters["tokens_generated"] += 1
+                det.add_token(token)
+                held += det.last_segment
+                cut = _llm._find_stop(held, stops)
+                if cut is not None:
+                    _emit(job, held[:cut])
+                    held, reason, hit_stop = "", "stop", True
+                    break
+                safe = _llm._safe_prefix_len(held, stops)
+                if safe:
+                    _emit(job, held[:safe])
+                    held = held[safe:]
+            else:
+                reason = "length"
+        finally:
+            gen.close()
+        if not hit_stop:                  # flush what the detokenizer still holds
+            det.finalize()
+            held += det.last_segment
+            cut = _llm._find_stop(held, stops)
+            if cut is not None:
+                held, reason = held[:cut], "stop"
+            _emit(job, held)
+        now = time.perf_counter()
+        first = t_first or now
+        job.out.put(Chunk(done=True, finish_reason=reason, prompt_tokens=n_prompt,
+                          completion_tokens=n_out, load_seconds=job.load_seconds,
+                          prompt_seconds=max(0.0, first - t_admit),
+                          generate_seconds=max(0.0, now - first)))
+
+
+def _emit(job, text):
+    if text:
+        job.out.put(Chunk(text=text))
+
+
+# ---------------------------------------------------------------------------
+# helpers (run on the worker thread)
+# ---------------------------------------------------------------------------
+_setup_lock = threading.Lock()
+_setup_done = False
+
+
+def _ensure():
+    """MLX set up the project's way (llm's mlx_setup hook), then mlx-vlm imported."""
+    global _setup_done
+    with _setup_lock:
+        if _setup_done:
+            return
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never reach for the hub
+        _llm._ensure_mlx()
+        try:
+            import mlx_vlm.utils  # noqa: F401
+            import mlx_vlm.generate  # noqa: F401
+        except ImportError:
+            raise Unavailable(_MISSING)
+        try:   # transformers warns on every processor call about mlx-vlm's kwargs
+            from transformers.utils import logging as hf_logging
+            hf_logging.set_verbosity_error()
+        except ImportError:
+            pass
+        _setup_done = True
+
+
+def _context_length(info):
+    cfg = info.config or {}
+    text = cfg.get("text_config") or {}
+    return int(info.context_length or cfg.get("max_position_embeddings")
+               or text.get("max_position_embeddings") or _llm.DEFAULT_CONTEXT)
+
+
+def _eos_ids(m, tok):
+    crit = getattr(tok, "stopping_criteria", None) or getattr(m.processor,
+                                                              "stopping_criteria", None)
+    ids = list(getattr(crit, "eos_token_ids", None) or [])
+    if not ids:
+        e = getattr(tok, "eos_token_id", None)
+        ids = [e] if isinstance(e, int) else list(e or [])
+    return ids
+
+
+def _prepare(m, req):
+    """(model inputs dict, prompt token count) with the images in place."""
+    from mlx_vlm.prompt_utils import apply_chat_template
+    from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
+    pics = [_images.decode(b) for b in req.images]
+    cfg = m.model.config
+    model_type = getattr(cfg, "model_type", "")
+    if req.messages is not None or pics:
+        if req.messages is not None:
+            msgs, slots = req.messages, list(req.image_slots or [])
+        else:
+            msgs, slots = [{"role": "user", "content": req.prompt}], [0] * len(pics)
+        chat = []
+        for i, msg in enumerate(msgs):
+            k = slots.count(i)
+            text = msg.get("content") or ""
+            if k:
+                content = [{"type": "image"}] * k + [{"type": "text", "text": text}]
+            else:
+                content = text
+            chat.append({"role": msg.get("role", "user"), "content": content})
+        try:
+            prompt = apply_chat_template(m.processor, cfg, chat, num_images=len(pics))
+        except ValueError as e:            # e.g. "does not support multi-image chat"
+            raise BadInput(f"model '{req.model.id}': {_llm._short(e)}", param="messages")
+        if not isinstance(prompt, str):    # single-turn formats hand back the message
+            prompt = prompt.get("content") if isinstance(prompt, dict) else str(prompt)
+            if isinstance(prompt, list):
+                prompt = " ".join(p.get("text", "") for p in prompt if isinstance(p, dict))
+    else:
+        prompt = req.prompt
+    try:
+        inputs = prepare_inputs(
+            m.processor, images=pics or None, prompts=prompt,
+            image_token_index=getattr(cfg, "image_token_index", None)
+            or getattr(cfg, "image_token_id", None),
+            add_special_tokens=should_add_special_tokens(model_type, m.processor))
+    except (ValueError, TypeError, IndexError) as e:
+        raise BadInput(f"model '{req.model.id}' could not take these inputs: "
+                       f"{_llm._short(e)}", param="messages")
+    inputs = dict(inputs)
+    n = int(inputs["input_ids"].size)
+    if n == 0:
+        raise BadInput("prompt must not be empty", param="prompt")
+    return inputs, n
