@@ -650,9 +650,68 @@ async def h_api_ps(req):
 # ============================================================================
 # 9. IMAGE INPUTS (owner: vlm helper)
 # ============================================================================
+# Every place the seed lets a client put an image:
+#   OpenAI content parts  {"type": "image_url", "image_url": "..."}
+#                         {"type": "image_url", "image_url": {"url": "...", "detail": ...}}
+#   Ollama                messages[i].images = ["<base64>", ...]; /api/generate images
+# Each entry is a data: URL, bare base64, an http(s) URL (--allow-image-urls) or
+# a file path / file: URL inside --media-dir; engines/images.py decides, fetches
+# and validates, in a worker thread. Images are counted before anything is read.
+def image_sources(messages=None, images=None):
+    """[(source, message index or None)] in order of appearance; None = the prompt."""
+    found = []
+
+    def add(src, slot, where):
+        if isinstance(src, dict):
+            src = src.get("url")
+        if not isinstance(src, str) or not src:
+            raise HTTPError(400, "%s: an image must be a non-empty string" % where,
+                            param="messages" if slot is not None else "images")
+        found.append((src, slot))
+
+    for i, msg in enumerate(messages if isinstance(messages, list) else ()):
+        if not isinstance(msg, dict):
+            continue
+        content = msg.get("content")
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and (part.get("type") == "image_url" or "image_url" in part):
+                add(part.get("image_url"), i, "messages[%d].content image_url" % i)
+        extra = msg.get("images")
+        if extra is not None and not isinstance(extra, list):
+            raise HTTPError(400, "messages[%d].images must be a list" % i, param="messages")
+        for src in extra or ():
+            add(src, i, "messages[%d].images" % i)
+    if images is not None and not isinstance(images, list):
+        raise HTTPError(400, "images must be a list of strings", param="images")
+    for src in images or ():
+        add(src, None, "images")
+    return found
+
+
 async def gather_images(app, messages=None, images=None):
-    """(list of image bytes, list of message index per image). Stub: no images."""
-    return [], []
+    """(list of validated image bytes, list of message index per image; None for
+    top-level /api/generate images, which belong to the prompt)."""
+    from engines import images as image_inputs
+    found = image_sources(messages, images)
+    if not found:
+        return [], []
+    image_inputs.check_count(len(found))
+    cfg = app.config
+    data = await run_blocking(_load_images, [s for s, _ in found],
+                              getattr(cfg, "media_dir", None),
+                              bool(getattr(cfg, "allow_image_urls", False)))
+    return data, [slot for _, slot in found]
+
+
+def _load_images(sources, media_dir, allow_urls, cancel=None):
+    from engines import images as image_inputs
+    out = []
+    for src in sources:
+        if cancel is not None and cancel.is_set():
+            raise engines.BadInput("cancelled")
+        out.append(image_inputs.load(src, media_dir=media_dir, allow_urls=allow_urls,
+                                     cancel=cancel))
+    return out
 
 
 # ============================================================================

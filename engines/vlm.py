@@ -71,11 +71,9 @@ def generate(req: GenRequest, cancel=None):
     if req.images and not supports_images(req.model):
         raise BadInput(f"model '{req.model.id}' does not support images", param="messages")
     _images.check_count(len(req.images))
-    slots = list(req.image_slots or [])
     if req.images and req.messages is not None:
-        if len(slots) != len(req.images):
-            raise BadInput("each image needs the index of its message", param="messages")
-        for s in slots:
+        req = dataclasses.replace(req, image_slots=_slots(req))
+        for s in req.image_slots:
             if not (isinstance(s, int) and 0 <= s < len(req.messages)):
                 raise BadInput("image attached to no message", param="messages")
             if req.messages[s].get("role") != "user":
@@ -87,6 +85,16 @@ def generate(req: GenRequest, cancel=None):
     if first is None:                      # cancelled while waiting
         return iter(())
     return _consume(job)
+
+
+def _slots(req):
+    """Message index per image; a missing or None slot (an image given beside the
+    prompt, as /api/generate does) means the last user message."""
+    last_user = max((i for i, m in enumerate(req.messages) if m.get("role") == "user"),
+                    default=len(req.messages) - 1)
+    slots = list(req.image_slots or [])
+    slots += [None] * (len(req.images) - len(slots))
+    return [last_user if s is None else s for s in slots[:len(req.images)]]
 
 
 def load(info, keep_alive=None, cancel=None):
