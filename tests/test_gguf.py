@@ -1,0 +1,372 @@
+"""GGUF import (engines/gguf.py): the embedded SmolLM2 answers through mlx-lm, its
+tokenizer reproduces the GGUF vocabulary, tiny llamas written by this file in every
+supported tensor type give the logits of a reference model, and unsupported files
+are refused with nothing left behind."""
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engines
+from engines.catalog import EMBEDDED_NAME, embedded_gguf
+from engines.gguf import import_gguf, read_header
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- a minimal GGUF v3 writer (test side; independent of the importer) ------------
+F32, F16, Q4_0, Q4_1, Q8_0, Q4_K = 0, 1, 2, 3, 8, 12
+
+
+def _s(text):
+    b = text.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _value(v):
+    if isinstance(v, bool):
+        return struct.pack("<I?", 7, v)
+    if isinstance(v, int):
+        return struct.pack("<II", 4, v)
+    if isinstance(v, float):
+        return struct.pack("<If", 6, v)
+    if isinstance(v, str):
+        return struct.pack("<I", 8) + _s(v)
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return struct.pack("<IIQ", 9, 8, len(v)) + b"".join(_s(x) for x in v)
+    if isinstance(v, list):
+        return struct.pack("<IIQ", 9, 5, len(v)) + struct.pack(f"<{len(v)}i", *v)
+    raise TypeError(v)
+
+
+def _blocks(a):
+    return a.astype(np.float32).reshape(-1, 32)
+
+
+def encode(a, ttype):
+    """ggml's block encodings (ggml-quants.c reference rows)."""
+    if ttype == F32:
+        return a.astype("<f4").tobytes()
+    if ttype == F16:
+        return a.astype("<f2").tobytes()
+    out = bytearray()
+    for blk in _blocks(a):
+        if ttype == Q8_0:
+            d = np.float16(np.abs(blk).max() / 127)
+            q = np.round(blk / d if d else blk * 0).astype(np.int8)
+            out += d.tobytes() + q.tobytes()
+        elif ttype == Q4_0:
+            m = blk[np.argmax(np.abs(blk))]
+            d = m / -8
+            q = np.clip((blk * (1 / d if d else 0) + 8.5).astype(np.int8), 0, 15).astype(np.uint8)
+            out += np.float16(d).tobytes() + (q[:16] | (q[16:] << 4)).astype(np.uint8).tobytes()
+        elif ttype == Q4_1:
+            lo, hi = blk.min(), blk.max()
+            d = (hi - lo) / 15
+            q = np.clip(np.round((blk - lo) / d if d else blk * 0), 0, 15).astype(np.uint8)
+            out += np.float16(d).tobytes() + np.float16(lo).tobytes()
+            out += (q[:16] | (q[16:] << 4)).astype(np.uint8).tobytes()
+    return bytes(out)
+
+
+def decode(a, ttype):
+    """What the encoding above represents, as float32 (the reference weights)."""
+    if ttype == F32:
+        return a.astype(np.float32)
+    if ttype == F16:
+        return a.astype(np.float16).astype(np.float32)
+    raw = np.frombuffer(encode(a, ttype), np.uint8)
+    rows = []
+    size = {Q8_0: 34, Q4_0: 18, Q4_1: 20}[ttype]
+    for blk in raw.reshape(-1, size):
+        d = blk[:2].view(np.float16).astype(np.float32)[0]
+        if ttype == Q8_0:
+            rows.append(blk[2:].view(np.int8).astype(np.float32) * d)
+            continue
+        off = 4 if ttype == Q4_1 else 2
+        qs = blk[off:]
+        q = np.concatenate([qs & 15, qs >> 4]).astype(np.float32)
+        if ttype == Q4_0:
+            rows.append((q - 8) * d)
+        else:
+            rows.append(q * d + blk[2:4].view(np.float16).astype(np.float32)[0])
+    return np.concatenate(rows).reshape(a.shape)
+
+
+def write_gguf(path, metadata, tensors):
+    """tensors: [(name, float32 array numpy-order, ggml type)]."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
+    head += b"".join(_s(k) + _value(v) for k, v in metadata.items())
+    blobs, offset = [], 0
+    for name, arr, ttype in tensors:
+        raw = encode(arr, ttype)
+        head += _s(name) + struct.pack("<I", arr.ndim)
+        head += struct.pack(f"<{arr.ndim}Q", *reversed(arr.shape)) + struct.pack("<IQ", ttype, offset)
+        raw += bytes(-len(raw) % 32)
+        blobs.append(raw)
+        offset += len(raw)
+    head += bytes(-len(head) % 32)
+    Path(path).write_bytes(head + b"".join(blobs))
+
+
+def byte_vocab():
+    """GPT-2 byte-to-unicode table: the 256 byte-level symbols."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+TINY = dict(hidden=64, layers=2, ffn=128, heads=4, kv_heads=2, ctx=512)
+
+
+def tiny_llama_gguf(path, ttype, arch="llama", seed=0):
+    """A random tiny llama written as GGUF (q/k permuted the way llama.cpp's converter
+    does) and the reference mlx-lm model (HF layout, non-traditional RoPE) holding
+    exactly the weights the GGUF encodes."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    b2u = byte_vocab()
+    tokens = specials + [b2u[b] for b in range(256)] + ["Ġt", "he", "Ġthe"]
+    merges = ["Ġ t", "h e", "Ġt he"]
+    vocab = len(tokens) + 5          # rows nobody uses; a vocab that is not a multiple of 32
+    tokens += [f"<unused{i}>" for i in range(5)]
+    types = [3, 3, 3] + [1] * (len(tokens) - 3)
+    args = llama.ModelArgs(model_type="llama", hidden_size=TINY["hidden"],
+                           num_hidden_layers=TINY["layers"], intermediate_size=TINY["ffn"],
+                           num_attention_heads=TINY["heads"], num_key_value_heads=TINY["kv_heads"],
+                           rms_norm_eps=1e-5, vocab_size=vocab, rope_theta=10000.0,
+                           rope_traditional=False, tie_word_embeddings=False,
+                           max_position_embeddings=TINY["ctx"])
+    mx.random.seed(seed)
+    ref = llama.Model(args)
+    params = {k: np.array(v) for k, v in tree_flatten(ref.parameters())}
+    gg_names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+                "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+    def permute(w, n_head):          # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    tensors, new_params = [], {}
+    for k, w in sorted(params.items()):
+        parts = k.split(".")
+        if k == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif k == "model.norm.weight":
+            name = "output_norm.weight"
+        elif k == "lm_head.weight":
+            name = "output.weight"
+        else:
+            name = "blk.%s.%s.weight" % (parts[2], gg_names[".".join(parts[3:-1])])
+        t = ttype if w.ndim == 2 else F32              # ggml keeps norms in F32
+        new_params[k] = decode(w, t)                   # row-wise: commutes with the permutation
+        if name.endswith("attn_q.weight"):
+            w = permute(w, TINY["heads"])
+        elif name.endswith("attn_k.weight"):
+            w = permute(w, TINY["kv_heads"])
+        tensors.append((name, w, t))
+    ref.load_weights([(k, mx.array(v)) for k, v in new_params.items()])
+    md = {
+        "general.architecture": arch, "general.name": "tiny", "general.license": "mit",
+        "general.file_type": {F32: 0, F16: 1, Q4_0: 2, Q4_1: 3, Q8_0: 7, Q4_K: 15}[ttype],
+        f"{arch}.context_length": TINY["ctx"], f"{arch}.embedding_length": TINY["hidden"],
+        f"{arch}.block_count": TINY["layers"], f"{arch}.feed_forward_length": TINY["ffn"],
+        f"{arch}.attention.head_count": TINY["heads"], f"{arch}.attention.head_count_kv": TINY["kv_heads"],
+        f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.rope.freq_base": 10000.0,
+        f"{arch}.vocab_size": vocab,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 0,
+        "tokenizer.chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                                   "{{ m['content'] }}<|im_end|>\n{% endfor %}",
+    }
+    write_gguf(path, md, tensors)
+    return ref
+
+
+def leftovers(d):
+    return sorted(p.name for p in Path(d).iterdir()) if Path(d).exists() else []
+
+
+# --- the embedded SmolLM2 ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol(models_dir):
+    return Path(models_dir) / EMBEDDED_NAME
+
+
+def test_embedded_gguf_imports_and_answers(smol):
+    import mlx_lm
+    model, tok = mlx_lm.load(str(smol))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True)
+    answer = mlx_lm.generate(model, tok, prompt, max_tokens=24)
+    assert "Paris" in answer, answer
+    cfg = json.loads((smol / "config.json").read_text())
+    assert cfg["rope_traditional"] is True and cfg["model_type"] == "llama"
+    assert cfg["quantization"]["bits"] == 4
+    assert cfg["quantization"]["model.embed_tokens"] == {"group_size": 32, "bits": 8}
+
+
+def _bpe_reference(word, ranks):
+    """Textbook BPE of one pre-token by merge rank (independent of `tokenizers`)."""
+    parts = list(word)
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == 1 << 30:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def test_tokenizer_matches_gguf_vocabulary(smol):
+    from tokenizers import Tokenizer
+    md, _ = read_header(embedded_gguf())
+    vocab = md["tokenizer.ggml.tokens"]
+    ranks = {tuple(m.split(" ", 1)): i for i, m in enumerate(md["tokenizer.ggml.merges"])}
+    tk = Tokenizer.from_file(str(smol / "tokenizer.json"))
+    b2u = byte_vocab()
+    samples = ["Hello world", "<|im_start|>user\nWhat is 12345?<|im_end|>\n",
+               "  two  spaces\tand\ttabs\n\n", "naïve café 日本語 🙂", "<|endoftext|><jupyter_code>x=1",
+               "The capital of France is Paris."]
+    for text in samples:
+        ids = tk.encode(text).ids
+        assert tk.decode(ids, skip_special_tokens=False) == text
+        for i in ids:                     # every id names the same token as in the GGUF
+            assert tk.id_to_token(i) == vocab[i]
+    specials = {t: vocab.index(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<jupyter_code>")}
+    for t, i in specials.items():
+        assert tk.encode(t).ids == [i]
+        assert tk.encode("a" + t + "b").ids[1] == i
+    assert [vocab[i] for i in tk.encode("12345").ids] == list("12345")   # digits split
+    for word in [" capital", " France", "Hello", " tokenization", " Paris", " naïve"]:
+        symbols = "".join(b2u[b] for b in word.encode("utf-8"))
+        expect = [vocab.index(p) for p in _bpe_reference(symbols, ranks)]
+        assert tk.encode(word).ids == expect, word
+
+
+def test_tokenizer_config_loads_through_transformers(smol):
+    from mlx_lm.utils import load_tokenizer
+    tok = load_tokenizer(smol)
+    assert tok.eos_token == "<|im_end|>" and tok.bos_token == "<|im_start|>"
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert ids[0] == 1
+
+
+# --- tiny llamas in every supported tensor type -----------------------------------
+@pytest.mark.parametrize("ttype,tol", [(F32, 1e-4), (F16, 1e-3), (Q8_0, 2e-3), (Q4_0, 2e-3), (Q4_1, 2e-3)],
+                         ids=["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
+def test_tiny_llama_logits_match_reference(tmp_path, ttype, tol):
+    import mlx.core as mx
+    import mlx_lm
+    from engines.catalog import Catalog
+    ref = tiny_llama_gguf(tmp_path / "tiny.gguf", ttype)
+    path = import_gguf(tmp_path / "tiny.gguf", tmp_path / "store", name="tiny")
+    model, tok = mlx_lm.load(str(path))
+    ids = mx.array([[1, 40, 50, 60, 259, 261, 7, 2]])
+    got, want = np.array(model(ids).astype(mx.float32)), np.array(ref(ids).astype(mx.float32))
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= tol * max(1.0, np.abs(want).max()), np.abs(got - want).max()
+    assert tok.encode(" the", add_special_tokens=False) == [261]
+    info = Catalog(tmp_path / "store", hf_cache=tmp_path / "no-hf").resolve("tiny")
+    assert info.quantization == {F32: "F32", F16: "F16", Q8_0: "Q8_0", Q4_0: "Q4_0", Q4_1: "Q4_1"}[ttype]
+    assert info.parameter_count == sum(v.size for k, v in
+                                       __import__("mlx.utils").utils.tree_flatten(ref.parameters()))
+    assert info.license == "mit" and info.context_length == TINY["ctx"] and info.format == "gguf"
+
+
+# --- refusals: clear message, nothing left behind ---------------------------------
+def test_unsupported_architecture_refused(tmp_path):
+    tiny_llama_gguf(tmp_path / "m.gguf", F32, arch="mamba")
+    with pytest.raises(engines.BadInput, match="unsupported GGUF architecture 'mamba'"):
+        import_gguf(tmp_path / "m.gguf", tmp_path / "store", name="m")
+    assert leftovers(tmp_path / "store") == []
+
+
+def test_unsupported_tensor_type_refused(tmp_path):
+    tiny_llama_gguf(tmp_path / "k.gguf", Q4_1)
+    # rewrite with one tensor typed Q4_K (ggml type 12): a K-quant we do not import
+    md, tensors = read_header(tmp_path / "k.gguf")
+    data = bytearray((tmp_path / "k.gguf").read_bytes())
+    needle = _s("blk.0.ffn_down.weight")
+    at = data.index(needle) + len(needle) + 4 + 16
+    assert struct.unpack_from("<I", data, at)[0] == Q4_1
+    struct.pack_into("<I", data, at, Q4_K)
+    (tmp_path / "k.gguf").write_bytes(bytes(data))
+    with pytest.raises(engines.BadInput, match="unsupported GGUF tensor type Q4_K in 'blk.0.ffn_down.weight'"):
+        import_gguf(tmp_path / "k.gguf", tmp_path / "store", name="k")
+    assert leftovers(tmp_path / "store") == []
+
+
+def test_not_gguf_and_truncated_refused(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(engines.BadInput, match="not a GGUF file"):
+        import_gguf(tmp_path / "x.gguf", tmp_path / "store")
+    tiny_llama_gguf(tmp_path / "t.gguf", F32)
+    raw = (tmp_path / "t.gguf").read_bytes()
+    (tmp_path / "t.gguf").write_bytes(raw[:2000])
+    with pytest.raises(engines.BadInput):
+        import_gguf(tmp_path / "t.gguf", tmp_path / "store", name="t")
+    assert leftovers(tmp_path / "store") == []
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    import mlx.core as mx
+    tiny_llama_gguf(tmp_path / "w.gguf", F16)
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(mx, "save_safetensors", boom)
+    with pytest.raises(OSError):
+        import_gguf(tmp_path / "w.gguf", tmp_path / "store", name="w")
+    assert leftovers(tmp_path / "store") == []
+
+
+def test_bad_or_taken_names_refused(tmp_path):
+    tiny_llama_gguf(tmp_path / "n.gguf", F16)
+    for bad in ["../evil", "/abs", "a/b", "", ".hidden", "x" * 200, "a..b"]:
+        with pytest.raises(engines.BadInput, match="invalid model name"):
+            import_gguf(tmp_path / "n.gguf", tmp_path / "store", name=bad)
+    import_gguf(tmp_path / "n.gguf", tmp_path / "store", name="Tiny-One")
+    with pytest.raises(engines.BadInput, match="already exists"):
+        import_gguf(tmp_path / "n.gguf", tmp_path / "store", name="tiny-one")
+    assert leftovers(tmp_path / "store") == ["tiny-one"]
+    assert not (tmp_path / "evil").exists()
+
+
+def test_cli_import_progress_and_errors(tmp_path):
+    tiny_llama_gguf(tmp_path / "Tiny-Model.Q8_0.gguf", Q8_0)
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "localai.py"), "--models-dir",
+                                     str(tmp_path / "store"), *a], capture_output=True, text=True, timeout=120)
+    r = run("import", str(tmp_path / "Tiny-Model.Q8_0.gguf"))
+    assert r.returncode == 0, r.stderr
+    assert "100%" in r.stderr and "imported tiny-model-q8_0" in r.stdout
+    assert (tmp_path / "store" / "tiny-model-q8_0" / "model.safetensors").is_file()
+    r = run("import", str(tmp_path / "Tiny-Model.Q8_0.gguf"), "--name", "second")
+    assert r.returncode == 0 and (tmp_path / "store" / "second").is_dir()
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(8))
+    r = run("import", str(tmp_path / "junk.gguf"))
+    assert r.returncode == 1 and "import failed" in r.stderr and "Traceback" not in r.stderr
+    r = run("import", str(tmp_path / "missing.gguf"))
+    assert r.returncode == 1 and "no such file" in r.stderr
+    assert leftovers(tmp_path / "store") == [".digests.json", "second", "tiny-model-q8_0"] or \
+        leftovers(tmp_path / "store") == ["second", "tiny-model-q8_0"]
