@@ -87,11 +87,22 @@ MAX_HEADER_BYTES = 32 * 1024         # whole header block; 431 past this
 MAX_HEADER_COUNT = 100               # header fields; 431 past this (h11, aiohttp: 100)
 MAX_CHUNK_LINE = 1024                # chunk-size line incl. extensions
 MAX_TRAILER_BYTES = 8 * 1024         # trailer block after the last chunk
-HEADER_TIMEOUT = 10.0                # whole head must arrive in this (slowloris)
-BODY_IDLE_TIMEOUT = 10.0             # max silence while a body is arriving
-KEEPALIVE_TIMEOUT = 5.0              # idle keep-alive connections close after this
-SEND_STALL_TIMEOUT = 30.0            # a client that reads nothing for this long is dropped
-DRAIN_TIMEOUT = 10.0                 # on shutdown, in-flight requests get this long
+
+
+def _seconds(name, default):
+    """A timeout constant; LOCALAI_<NAME> may override it (tests use short ones)."""
+    try:
+        value = float(os.environ.get("LOCALAI_" + name, default))
+    except ValueError:
+        return default
+    return value if 0 < value < 86400 else default
+
+
+HEADER_TIMEOUT = _seconds("HEADER_TIMEOUT", 10.0)          # whole head must arrive in this (slowloris)
+BODY_IDLE_TIMEOUT = _seconds("BODY_IDLE_TIMEOUT", 10.0)    # max silence while a body is arriving
+KEEPALIVE_TIMEOUT = _seconds("KEEPALIVE_TIMEOUT", 5.0)     # idle keep-alive connections close after this
+SEND_STALL_TIMEOUT = _seconds("SEND_STALL_TIMEOUT", 30.0)  # a client that reads nothing this long is dropped
+DRAIN_TIMEOUT = _seconds("DRAIN_TIMEOUT", 10.0)            # on shutdown, in-flight requests get this long
 READ_CHUNK = 64 * 1024               # socket read size
 PIPELINE_BUFFER = 64 * 1024          # bytes read ahead while a handler runs
 BRIDGE_THREADS = 64                  # threads waiting on engines (engines bound their own work)
@@ -455,6 +466,190 @@ async def drain(writer):
 # ============================================================================
 # 6. MULTIPART (owner: stt helper)
 # ============================================================================
+# A multipart/form-data parser (RFC 7578, RFC 2046 5.1) for uploads. The body is
+# already in memory (the route limit bounds it), so parsing is a walk over it with
+# bytes.find: each byte is looked at a bounded number of times (the delimiter is
+# at most 74 bytes), so the work is linear in the body. Every limit is a named
+# constant; every malformed input is an HTTPError 400 (413 for sizes), never an
+# uncaught exception. The filename a client sends is returned as data only: the
+# speech engine takes its extension and nothing else.
+MULTIPART_MAX_BOUNDARY = 70          # RFC 2046 5.1.1: a boundary is 1 to 70 characters
+MULTIPART_MAX_PARTS = 64             # a transcription form has ~8 fields (+ repeats); 400 past this
+MULTIPART_MAX_PART_HEADERS = 16      # header lines per part (browsers send 2-3); 400 past this
+MULTIPART_MAX_PART_HEADER_BYTES = 8 * KIB   # one part's header block; 400 past this
+MULTIPART_MAX_FIELD_BYTES = 64 * KIB  # a non-file field (a prompt is ~224 tokens); 413 past this
+MULTIPART_MAX_FILE_BYTES = 25 * MIB  # the seed's (and OpenAI's) 25 MB audio file limit; 413 past this
+_BOUNDARY_CHARS = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=? ")
+
+
+class UploadedFile:
+    """A file part: `name` (the form field), `filename` (the client's, untrusted),
+    `content_type` and `data` (bytes)."""
+
+    def __init__(self, name, filename, content_type, data):
+        self.name, self.filename, self.content_type, self.data = name, filename, content_type, data
+
+    def __repr__(self):
+        return "UploadedFile(%r, %r, %r, %d bytes)" % (self.name, self.filename, self.content_type, len(self.data))
+
+
+def header_params(value):
+    """Split 'type; a=1; b="x \\"y\\""' into ('type', {'a': '1', 'b': 'x "y"'}).
+
+    Quoted strings honour backslash escapes; `name*=UTF-8''%xx` (RFC 5987/8187)
+    is decoded and wins over the plain parameter. Malformed text -> ValueError."""
+    main, _, rest = value.partition(";")
+    params, ext, i, n = {}, {}, 0, len(rest)
+    while i < n:
+        while i < n and rest[i] in " \t;":
+            i += 1
+        if i >= n:
+            break
+        eq = rest.find("=", i)
+        if eq < 0:
+            raise ValueError("parameter without a value")
+        key = rest[i:eq].strip().lower()
+        if not key or any(c in key for c in ' \t";'):
+            raise ValueError("bad parameter name")
+        i = eq + 1
+        while i < n and rest[i] in " \t":
+            i += 1
+        if i < n and rest[i] == '"':
+            out, i = [], i + 1
+            while i < n and rest[i] != '"':
+                if rest[i] == "\\" and i + 1 < n:
+                    i += 1
+                out.append(rest[i])
+                i += 1
+            if i >= n:
+                raise ValueError("unterminated quoted string")
+            i += 1
+            val = "".join(out)
+        else:
+            end = rest.find(";", i)
+            end = n if end < 0 else end
+            val = rest[i:end].strip()
+            i = end
+        if key.endswith("*"):
+            charset, _, encoded = val.partition("'")
+            _lang, _, encoded = encoded.partition("'")
+            from urllib.parse import unquote
+            try:
+                ext[key[:-1]] = unquote(encoded, encoding=charset or "utf-8", errors="strict")
+            except (LookupError, UnicodeDecodeError):
+                raise ValueError("bad extended parameter")
+        else:
+            params[key] = val
+    params.update(ext)
+    return main.strip().lower(), params
+
+
+def multipart_boundary(content_type):
+    """The boundary (bytes) of a multipart/form-data Content-Type, or HTTPError 400."""
+    try:
+        mime, params = header_params(content_type or "")
+    except ValueError as exc:
+        raise HTTPError(400, "malformed Content-Type: %s" % exc)
+    if mime != "multipart/form-data":
+        raise HTTPError(400, "Content-Type must be multipart/form-data")
+    boundary = params.get("boundary", "").encode("latin-1", "replace")
+    if not boundary:
+        raise HTTPError(400, "multipart/form-data needs a boundary parameter")
+    if len(boundary) > MULTIPART_MAX_BOUNDARY:
+        raise HTTPError(400, "multipart boundary longer than %d characters" % MULTIPART_MAX_BOUNDARY)
+    if not set(boundary) <= _BOUNDARY_CHARS or boundary.endswith(b" "):
+        raise HTTPError(400, "multipart boundary has characters RFC 2046 does not allow")
+    return boundary
+
+
+def _part_headers(block):
+    """A part's header lines -> dict (lower-case names). 400 on anything odd."""
+    lines = block.split(b"\r\n") if block else []
+    if len(lines) > MULTIPART_MAX_PART_HEADERS:
+        raise HTTPError(400, "a multipart part has more than %d headers" % MULTIPART_MAX_PART_HEADERS)
+    headers = {}
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or not set(name) <= TOKEN_CHARS:
+            raise HTTPError(400, "malformed multipart part header")
+        try:
+            text = value.decode("utf-8")      # browsers send UTF-8 filenames raw (HTML5)
+        except UnicodeDecodeError:
+            text = value.decode("latin-1")
+        key = name.decode("ascii").lower()
+        if key in headers:
+            raise HTTPError(400, "repeated multipart part header %s" % key)
+        headers[key] = text.strip(" \t")
+    return headers
+
+
+def parse_multipart(body, content_type):
+    """Parse a multipart/form-data body.
+
+    Returns (fields, files): `fields` maps a name to its list of str values,
+    `files` maps a name to its list of UploadedFile, both in body order (the
+    handler decides what a repeat means). A part is a file when its
+    Content-Disposition has a filename parameter."""
+    boundary = multipart_boundary(content_type)
+    delim, sep = b"--" + boundary, b"\r\n--" + boundary
+    if body.startswith(delim):
+        pos = len(delim)
+    else:                                      # a preamble before the first delimiter
+        i = body.find(sep)
+        if i < 0:
+            raise HTTPError(400, "multipart body does not contain its boundary")
+        pos = i + len(sep)
+    fields, files, count, n = {}, {}, 0, len(body)
+    while True:
+        if body.startswith(b"--", pos):        # the close delimiter; the epilogue is ignored
+            return fields, files
+        end = pos
+        while end < n and end - pos <= 256 and body[end] in b" \t":   # transport padding
+            end += 1
+        if not body.startswith(b"\r\n", end):
+            if end >= n:
+                raise HTTPError(400, "multipart body ends without its closing boundary")
+            raise HTTPError(400, "malformed multipart delimiter line")
+        pos = end + 2
+        count += 1
+        if count > MULTIPART_MAX_PARTS:
+            raise HTTPError(400, "more than %d multipart parts" % MULTIPART_MAX_PARTS)
+        if body.startswith(b"\r\n", pos):      # a part with no headers
+            block, start = b"", pos + 2
+        else:
+            end = body.find(b"\r\n\r\n", pos, pos + MULTIPART_MAX_PART_HEADER_BYTES + 4)
+            if end < 0:
+                if n - pos > MULTIPART_MAX_PART_HEADER_BYTES:
+                    raise HTTPError(400, "multipart part headers larger than %d bytes"
+                                    % MULTIPART_MAX_PART_HEADER_BYTES)
+                raise HTTPError(400, "multipart body ends inside a part's headers")
+            block, start = body[pos:end], end + 4
+        headers = _part_headers(block)
+        try:
+            disposition, params = header_params(headers.get("content-disposition", ""))
+        except ValueError as exc:
+            raise HTTPError(400, "malformed Content-Disposition: %s" % exc)
+        if disposition != "form-data" or not params.get("name"):
+            raise HTTPError(400, "each multipart part needs Content-Disposition: form-data; name=...")
+        end = body.find(sep, start)
+        if end < 0:
+            raise HTTPError(400, "multipart body ends without its closing boundary")
+        size, name = end - start, params["name"]
+        if "filename" in params:
+            if size > MULTIPART_MAX_FILE_BYTES:
+                raise HTTPError(413, "file '%s' is larger than %d MB" % (name[:64], MULTIPART_MAX_FILE_BYTES // MIB),
+                                param=name[:64])
+            files.setdefault(name, []).append(UploadedFile(
+                name, params["filename"], headers.get("content-type", "application/octet-stream"), body[start:end]))
+        else:
+            if size > MULTIPART_MAX_FIELD_BYTES:
+                raise HTTPError(413, "form field '%s' is larger than %d bytes" % (name[:64], MULTIPART_MAX_FIELD_BYTES),
+                                param=name[:64])
+            try:
+                fields.setdefault(name, []).append(body[start:end].decode("utf-8"))
+            except UnicodeDecodeError:
+                raise HTTPError(400, "form field '%s' is not valid UTF-8" % name[:64], param=name[:64])
+        pos = end + len(sep)
 
 
 # ============================================================================
@@ -736,8 +931,85 @@ async def h_api_generate(req):
 # ============================================================================
 # 11. AUDIO HANDLERS (owners: stt helper h_transcriptions; tts helper the rest)
 # ============================================================================
+TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+TIMESTAMP_GRANULARITIES = ("segment", "word")
+
+
+def _one_field(fields, name, default=None):
+    """A form field that may appear once; a repeat is ambiguous -> 400."""
+    values = fields.get(name, [])
+    if len(values) > 1:
+        raise HTTPError(400, "field '%s' given more than once" % name, param=name)
+    return values[0] if values else default
+
+
+def transcription_options(fields, files):
+    """Validate a transcription form -> dict of options (pure; 400 on any problem)."""
+    uploads = files.get("file", [])
+    if not uploads:
+        raise HTTPError(400, "'file' is required (a multipart file part)", param="file")
+    if len(uploads) > 1:
+        raise HTTPError(400, "one 'file' per request", param="file")
+    model = _one_field(fields, "model", "").strip()
+    if not model:
+        raise HTTPError(400, "'model' is required", param="model")
+    fmt = _one_field(fields, "response_format", "json").strip() or "json"
+    if fmt not in TRANSCRIPTION_FORMATS:
+        raise HTTPError(400, "'response_format' must be one of %s" % ", ".join(TRANSCRIPTION_FORMATS),
+                        param="response_format")
+    temperature = _one_field(fields, "temperature", "").strip() or "0"
+    try:
+        temperature = float(temperature)
+    except ValueError:
+        temperature = math.nan
+    if not 0.0 <= temperature <= 1.0:                 # NaN fails this too
+        raise HTTPError(400, "'temperature' must be a number in [0, 1]", param="temperature")
+    language = _one_field(fields, "language", "").strip() or None
+    if language is not None and (len(language) > 35 or not all(
+            p.isascii() and p.isalnum() and 1 <= len(p) <= 8 for p in language.replace("_", "-").split("-"))):
+        raise HTTPError(400, "'language' must be a language tag such as 'en' or 'en-US'", param="language")
+    if _one_field(fields, "stream", "false").strip().lower() not in ("", "false", "0"):
+        raise HTTPError(400, "streaming transcriptions are not supported", param="stream")
+    _one_field(fields, "prompt")                      # accepted (a hint); vosk has no use for it
+    grans = []
+    for name in ("timestamp_granularities", "timestamp_granularities[]"):
+        for value in fields.get(name, []):
+            value = value.strip()
+            try:                                      # a JSON list in one field
+                items = json.loads(value) if value.startswith("[") else value.split(",")
+            except ValueError:
+                items = None
+            if not isinstance(items, list) or not all(isinstance(g, str) and g.strip() in TIMESTAMP_GRANULARITIES
+                                                      for g in items):
+                raise HTTPError(400, "'timestamp_granularities' values must be 'segment' or 'word'", param=name)
+            grans += [g.strip() for g in items]
+    return {"upload": uploads[0], "model": model, "format": fmt, "temperature": temperature,
+            "language": language, "granularities": set(grans) or {"segment"}}
+
+
+def speech_to_text(app):
+    """The app's shared speech-to-text engine (models load once, on first use)."""
+    engine = app.state.get("stt")
+    if engine is None:
+        from engines import stt
+        engine = app.state["stt"] = stt.SpeechToText(getattr(app.config, "stt_model", None) or [])
+    return engine
+
+
 async def h_transcriptions(req):
-    raise HTTPError(501, "not implemented yet")
+    fields, files = parse_multipart(req.body, req.headers.get("content-type", ""))
+    opts = transcription_options(fields, files)
+    from engines import stt
+    upload = opts["upload"]
+    t = await run_blocking(speech_to_text(req.app).transcribe, upload.data, upload.filename, opts["language"])
+    fmt = opts["format"]
+    if fmt == "json":
+        return json_response({"text": t.text})
+    if fmt == "verbose_json":
+        grans = opts["granularities"]
+        return json_response(stt.verbose_json(t, segments="segment" in grans, words="word" in grans))
+    body = {"text": t.text + "\n", "srt": stt.to_srt, "vtt": stt.to_vtt}[fmt]
+    return text_response(body if isinstance(body, str) else body(t))
 
 
 async def h_speech(req):
@@ -1355,8 +1627,16 @@ def cmd_list(config):
 
 
 def cmd_pull_speech(config):
-    print("pull-speech: not implemented yet", file=sys.stderr)
-    return 2
+    """Download vosk's small model for a language into vosk's cache (~/.cache/vosk),
+    where the server finds it. Offline: one failed connection, a clear message, exit 1."""
+    from engines import stt
+    try:
+        path = stt.pull(config.lang, progress=lambda message: print(message, file=sys.stderr))
+    except engines.EngineError as exc:
+        print("localai: pull-speech failed: %s" % exc.message, file=sys.stderr)
+        return 1
+    print("installed the %s speech model in %s" % (config.lang, path))
+    return 0
 
 
 def prepare_models(app):
