@@ -36,7 +36,17 @@ MAX_IMAGE_BYTES = 10 * 1024 * 1024  # encoded size of one image (the chat body l
                                     #   20 MiB; OpenAI caps image inputs around 20 MB)
 MAX_IMAGE_PIXELS = 4096 * 4096      # declared width*height, checked before decoding: a
                                     #   4096^2 RGB decode is 48 MiB; Pillow only warns at 89M
-FETCH_TIMEOUT = 10.0                # seconds for a whole URL fetch (connect + body)
+def _env_float(name, default):
+    import os
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+FETCH_TIMEOUT = _env_float("LOCALAI_IMAGE_FETCH_TIMEOUT", 10.0)
+                                    # seconds for a whole URL fetch (connect + body);
+                                    #   the environment override lets tests shorten it
 MAX_REDIRECTS = 3                   # same-origin redirects followed by a URL fetch
 MAX_SOURCE_PATH = 4096              # PATH_MAX: a longer "path" is not a path
 READ_BLOCK = 64 * 1024
@@ -180,11 +190,12 @@ def _read_path(path, media_dir, shown):
 # ---------------------------------------------------------------------------
 # http(s) URLs (only with allow_urls)
 # ---------------------------------------------------------------------------
-def fetch_url(url, cancel=None, timeout=FETCH_TIMEOUT, limit=MAX_IMAGE_BYTES):
+def fetch_url(url, cancel=None, timeout=None, limit=MAX_IMAGE_BYTES):
     """GET ``url``: at most ``limit`` bytes within ``timeout`` seconds in all;
     redirects only to the same scheme, host and port (at most MAX_REDIRECTS)."""
     import http.client
     import socket
+    timeout = FETCH_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
     origin = _origin(url)
     for _ in range(MAX_REDIRECTS + 1):
@@ -196,6 +207,7 @@ def fetch_url(url, cancel=None, timeout=FETCH_TIMEOUT, limit=MAX_IMAGE_BYTES):
         try:
             conn.request("GET", target, headers={"User-Agent": "localai",
                                                  "Accept": "image/*"})
+            sock = conn.sock        # kept: http.client drops it for "Connection: close"
             resp = conn.getresponse()
             if resp.status in (301, 302, 303, 307, 308):
                 loc = resp.getheader("Location") or ""
@@ -218,7 +230,7 @@ def fetch_url(url, cancel=None, timeout=FETCH_TIMEOUT, limit=MAX_IMAGE_BYTES):
                 if left <= 0:
                     raise BadInput("image URL took longer than %g s; refused" % timeout,
                                    param="image_url")
-                conn.sock.settimeout(left)
+                sock.settimeout(left)
                 block = resp.read1(READ_BLOCK) if hasattr(resp, "read1") else resp.read(READ_BLOCK)
                 if not block:
                     break
