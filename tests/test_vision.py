@@ -490,3 +490,75 @@ def test_url_fetch_is_bounded(srv_open, site):
     t0 = time.monotonic()
     assert_400(*generate_image(srv_open, site.url("/slow")), "longer than")
     assert time.monotonic() - t0 < 8          # LOCALAI_IMAGE_FETCH_TIMEOUT=1.5 here
+
+
+# ---------------------------------------------------------------------------
+# in-process checks of the two engines' edges
+# ---------------------------------------------------------------------------
+def _declare_huge(fmt, data):
+    """Patch the header of a real image so it declares a huge pixel count."""
+    import struct
+    b = bytearray(data)
+    if fmt == "PNG":
+        b[16:24] = struct.pack(">II", 60000, 60000)
+    elif fmt == "GIF":
+        b[6:10] = struct.pack("<HH", 65535, 65535)
+    elif fmt == "BMP":
+        b[18:26] = struct.pack("<ii", 100000, 100000)
+    elif fmt == "JPEG":
+        i = 2
+        while not (b[i] == 0xFF and 0xC0 <= b[i + 1] <= 0xC3):
+            i += 2 + struct.unpack(">H", bytes(b[i + 2:i + 4]))[0]
+        b[i + 5:i + 9] = struct.pack(">HH", 65535, 65535)
+    elif fmt == "WEBP":
+        kind = bytes(b[12:16])
+        if kind == b"VP8 ":
+            b[26:30] = struct.pack("<HH", 16383, 16383)
+        elif kind == b"VP8L":
+            bits = int.from_bytes(b[21:25], "little") | (0x3FFF | (0x3FFF << 14))
+            b[21:25] = bits.to_bytes(4, "little")
+        else:
+            b[24:30] = (0xFFFFFF).to_bytes(3, "little") * 2
+    return bytes(b)
+
+
+@pytest.mark.parametrize("fmt,opts", [("PNG", {}), ("JPEG", {}), ("GIF", {}), ("BMP", {}),
+                                      ("WEBP", {}), ("WEBP", {"lossless": True})])
+def test_image_formats_header_cap_and_truncation(fmt, opts):
+    import engines
+    from engines import images
+    im = Image.new("RGB", (24, 20), (200, 30, 90))
+    buf = io.BytesIO()
+    im.save(buf, fmt, **opts)
+    data = buf.getvalue()
+    assert images.validate(data) == (fmt, 24, 20)
+    with pytest.raises(engines.BadInput, match="pixels"):
+        images.validate(_declare_huge(fmt, data))
+    with pytest.raises(engines.BadInput):
+        images.validate(data[:len(data) * 2 // 3])
+    with pytest.raises(engines.BadInput, match="not an image"):
+        images.validate(b"%PDF-1.4 " + data)
+
+
+def test_engine_cancel_stops_generation(store):
+    """A set cancel stops decoding within a token or two, and a queued request
+    whose client left never runs."""
+    from engines import catalog, vlm
+    from engines.llm import GenRequest
+    info = catalog.Catalog(store).resolve(VLM)
+    req = lambda: GenRequest(model=info, messages=[{"role": "user", "content": "Hi"}],
+                             images=[png(1)], image_slots=[0], max_tokens=1500,
+                             temperature=0)
+    list(vlm.generate(req()))                  # warm: the model is loaded
+    before = vlm._WORKER.counters.copy()
+    cancel = threading.Event()
+    it = vlm.generate(req(), cancel=cancel)    # returns once the prompt is prepared
+    cancel.set()
+    chunks = list(it)
+    assert not any(c.done for c in chunks)
+    time.sleep(0.3)
+    after = vlm._WORKER.counters
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["tokens_generated"] - before["tokens_generated"] < 100
+    full = list(vlm.generate(req()))[-1]
+    assert full.done and full.completion_tokens > 100 or full.finish_reason == "stop"
