@@ -912,20 +912,538 @@ def _load_images(sources, media_dir, allow_urls, cancel=None):
 # ============================================================================
 # 10. CHAT AND COMPLETION HANDLERS (owner: llm helper)
 # ============================================================================
+# One neutral engine call (engines.llm.generate, or engines.vlm.generate for a
+# model with the "vision" capability) serves all five routes. Each handler parses
+# its dialect into a GenRequest (strict types: booleans are not numbers, NaN is
+# refused by json_body), starts n generations, and shapes the Chunks into OpenAI
+# JSON/SSE or Ollama JSON/NDJSON with pure builder functions. Errors found before
+# the first token (unknown model, prompt too long, queue full) are real 4xx/503
+# answers because run_handler takes the first stream item before the head goes out.
+MAX_CHOICES = 8                # n above this -> 400; each choice is a full generation
+MAX_TOKENS_LIMIT = 8192        # max_tokens/num_predict above this -> 400 (SmolLM2's context)
+DEFAULT_MAX_TOKENS = 2048      # chat, Ollama num_predict -1: an answer, not a runaway
+COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's documented default for /v1/completions
+MAX_STOP_SEQUENCES = 4         # OpenAI's limit on `stop`
+MAX_STOP_LENGTH = 256          # characters per stop sequence
+OPENAI_ROLES = {"system", "user", "assistant", "tool", "developer"}
+# Ollama's documented option defaults (its Modelfile PARAMETER defaults).
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0,
+                   "repetition_penalty": 1.1, "repetition_context_size": 64}
+# Ollama options we read (name -> GenRequest field) and accept-but-ignore.
+OLLAMA_NUMBER_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "topP": "top_p",
+                         "min_p": "min_p", "repeat_penalty": "repetition_penalty",
+                         "presence_penalty": "presence_penalty",
+                         "frequency_penalty": "frequency_penalty"}
+OLLAMA_INT_OPTIONS = {"top_k": "top_k", "topK": "top_k", "seed": "seed",
+                      "num_predict": "max_tokens", "repeat_last_n": "repetition_context_size",
+                      "num_ctx": None, "num_keep": None, "num_batch": None, "num_gpu": None,
+                      "main_gpu": None, "num_thread": None, "mirostat": None}
+OLLAMA_IGNORED_OPTIONS = {"typical_p", "tfs_z", "mirostat_eta", "mirostat_tau",
+                          "penalize_newline", "numa", "use_mmap", "use_mlock", "low_vram",
+                          "vocab_only", "f16_kv", "logits_all"}
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def new_id(prefix):
+    return prefix + os.urandom(12).hex()
+
+
+def text_of(content, where):
+    """The text of a message's content: a string, null, a part object, or a list
+    of parts (text parts joined with newlines; image parts are taken elsewhere)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = [content] if isinstance(content, dict) else content
+    if not isinstance(parts, list):
+        raise HTTPError(400, "%s.content must be a string or a list of parts" % where, param="messages")
+    texts = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("image_url", "input_image", "image") or (isinstance(part, dict) and "image_url" in part):
+            continue
+        else:
+            raise HTTPError(400, "%s.content: unsupported part %r" % (where, kind), param="messages")
+    return "\n".join(texts)
+
+
+def parse_messages(raw, *, required=True):
+    """[{role, content}] from OpenAI or Ollama messages; roles checked."""
+    if raw is None and not required:
+        return []
+    if not isinstance(raw, list) or (required and not raw):
+        raise HTTPError(400, "'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, msg in enumerate(raw):
+        where = "messages[%d]" % i
+        if not isinstance(msg, dict):
+            raise HTTPError(400, "%s must be an object" % where, param="messages")
+        role = msg.get("role")
+        if role not in OPENAI_ROLES:
+            raise HTTPError(400, "%s.role must be one of system, user, assistant, tool" % where,
+                            param="messages")
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": text_of(msg.get("content"), where)})
+    return out
+
+
+def parse_stop(value, param="stop"):
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise HTTPError(400, "'%s' must be a string or a list of strings" % param, param=param)
+    if len(stops) > MAX_STOP_SEQUENCES or any(len(s) > MAX_STOP_LENGTH for s in stops):
+        raise HTTPError(400, "'%s': at most %d sequences of %d characters"
+                        % (param, MAX_STOP_SEQUENCES, MAX_STOP_LENGTH), param=param)
+    return [s for s in stops if s]
+
+
+def parse_keep_alive(value):
+    """Ollama keep_alive: seconds (number) or a Go duration ("5m", "1h30m", "-1");
+    returns seconds, None for the default; negative keeps the model loaded."""
+    if value is None:
+        return None
+    if is_number(value):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        import re
+        sign = -1.0 if text.startswith("-") else 1.0
+        pieces = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text.lstrip("+-"))
+        if pieces and "".join(n + u for n, u in pieces) == text.lstrip("+-"):
+            return sign * sum(float(n) * _DURATION_UNITS[u] for n, u in pieces)
+    raise HTTPError(400, "'keep_alive' must be a duration such as \"5m\" or a number of seconds",
+                    param="keep_alive")
+
+
+def number_or(body, key, default, lo=None, hi=None, param=None):
+    """get_number, with JSON null meaning the default."""
+    value = get_number(body, key, None, lo, hi, param)
+    return default if value is None else value
+
+
+def int_or(body, key, default, lo=None, hi=None, param=None):
+    value = get_int(body, key, None, lo, hi, param)
+    return default if value is None else value
+
+
+def refuse_unsupported(body, names, why="is not supported by this server"):
+    for name in names:
+        value = body.get(name)
+        if value not in (None, False, "", [], {}, 0):
+            raise HTTPError(400, "'%s' %s" % (name, why), param=name)
+
+
+def parse_openai(body, *, default_max):
+    """GenRequest fields and (n, stream, include_usage) from an OpenAI body."""
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise HTTPError(400, "response_format %s cannot be honoured: only 'text' is supported"
+                        % json.dumps(fmt)[:80], param="response_format")
+    choice = body.get("tool_choice")
+    if choice is not None and choice not in ("auto", "none"):
+        raise HTTPError(400, "tool_choice %s cannot be honoured: this server does not call tools"
+                        % json.dumps(choice)[:80], param="tool_choice")
+    refuse_unsupported(body, ("logprobs", "top_logprobs", "logit_bias", "suffix"))
+    mct = get_int(body, "max_completion_tokens", None, 1, MAX_TOKENS_LIMIT)
+    mt = get_int(body, "max_tokens", None, 1, MAX_TOKENS_LIMIT)
+    fields = {"max_tokens": mct or mt or default_max,
+              "temperature": number_or(body, "temperature", 1.0, 0, 2),
+              "top_p": number_or(body, "top_p", 1.0, 0, 1),
+              "top_k": int_or(body, "top_k", 0, 0, None),
+              "min_p": number_or(body, "min_p", 0.0, 0, 1),
+              "seed": get_int(body, "seed", None),
+              "stop": parse_stop(body.get("stop")),
+              "repetition_penalty": get_number(body, "repetition_penalty", None, 0.01, 10),
+              "presence_penalty": number_or(body, "presence_penalty", 0.0, -2, 2),
+              "frequency_penalty": number_or(body, "frequency_penalty", 0.0, -2, 2)}
+    if fields["top_p"] == 0:           # nucleus of one token: the argmax
+        fields["temperature"], fields["top_p"] = 0.0, 1.0
+    n = int_or(body, "n", 1, 1, MAX_CHOICES)
+    best_of = get_int(body, "best_of", None, 1, MAX_CHOICES)
+    if best_of is not None and best_of != n:
+        raise HTTPError(400, "'best_of' other than n is not supported", param="best_of")
+    stream = bool(get_bool(body, "stream", False))
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise HTTPError(400, "'stream_options' must be an object", param="stream_options")
+    include_usage = bool(get_bool(opts or {}, "include_usage", False, param="stream_options"))
+    return fields, n, stream, include_usage
+
+
+def parse_ollama(body):
+    """GenRequest fields from Ollama's options (and the seed's camelCase aliases)."""
+    if body.get("format") not in (None, ""):
+        raise HTTPError(400, "format %s cannot be honoured: structured output is not supported"
+                        % json.dumps(body.get("format"))[:80], param="format")
+    refuse_unsupported(body, ("think",), "is not supported by this model")
+    opts = body.get("options")
+    if opts is None:
+        opts = {}
+    if not isinstance(opts, dict):
+        raise HTTPError(400, "'options' must be an object", param="options")
+    fields = dict(OLLAMA_DEFAULTS, max_tokens=DEFAULT_MAX_TOKENS, stop=[])
+    for key, value in opts.items():
+        if key in OLLAMA_NUMBER_OPTIONS:
+            if value is not None:
+                fields[OLLAMA_NUMBER_OPTIONS[key]] = get_number(opts, key, param="options." + key)
+        elif key in OLLAMA_INT_OPTIONS:
+            value = get_int(opts, key, param="options." + key)
+            if OLLAMA_INT_OPTIONS[key] and value is not None:
+                fields[OLLAMA_INT_OPTIONS[key]] = value
+        elif key == "stop":
+            fields["stop"] = parse_stop(value, "options.stop")
+        elif key not in OLLAMA_IGNORED_OPTIONS:
+            raise HTTPError(400, "unknown option '%s'" % key, param="options." + key)
+    if fields["max_tokens"] < 0:                      # -1 infinite, -2 fill the context
+        fields["max_tokens"] = MAX_TOKENS_LIMIT
+    checks = [("max_tokens", 1, MAX_TOKENS_LIMIT, "num_predict"), ("temperature", 0, 2, "temperature"),
+              ("top_p", 0, 1, "top_p"), ("min_p", 0, 1, "min_p"), ("top_k", 0, None, "top_k"),
+              ("repetition_penalty", 0.01, 10, "repeat_penalty"),
+              ("repetition_context_size", -1, None, "repeat_last_n"),
+              ("presence_penalty", -2, 2, "presence_penalty"), ("frequency_penalty", -2, 2, "frequency_penalty")]
+    for field, lo, hi, name in checks:
+        value = fields.get(field)
+        if value is not None and (value < lo or (hi is not None and value > hi)):
+            raise HTTPError(400, "options.%s must be between %s and %s" % (name, lo, hi),
+                            param="options." + name)
+    if fields.get("seed") is not None and fields["seed"] < 0:   # llama.cpp: -1 = random
+        fields["seed"] = None
+    if fields["repetition_context_size"] == -1:       # -1: the whole context
+        fields["repetition_context_size"] = MAX_TOKENS_LIMIT
+    if fields["top_p"] == 0:
+        fields["temperature"], fields["top_p"] = 0.0, 1.0
+    fields["keep_alive"] = parse_keep_alive(body.get("keep_alive"))
+    return fields
+
+
+async def resolve_model(req, name):
+    return await run_blocking(req.app.catalog.resolve, name)
+
+
+async def fallback_model(req):
+    """/api/chat without a model: --model, then the first installed, then the default."""
+    configured = getattr(req.app.config, "model", None)
+    if configured:
+        return await resolve_model(req, configured)
+    models = await run_blocking(req.app.catalog.list)
+    if models:
+        return models[0]
+    from engines.catalog import EMBEDDED_NAME
+    return await resolve_model(req, EMBEDDED_NAME)
+
+
+def gen_request(**fields):
+    from engines.llm import GenRequest       # the neutral type both engines take
+    return GenRequest(**fields)
+
+
+def engine_for(info):
+    import importlib
+    return importlib.import_module("engines.vlm" if "vision" in info.capabilities else "engines.llm")
+
+
+async def add_images(req, gen, messages=None, images=None):
+    """Put the request's images into gen, or refuse them for a text-only model."""
+    if "vision" not in gen.model.capabilities:
+        if image_sources(messages, images):
+            raise HTTPError(400, "model %s does not support images" % gen.model.id,
+                            param="messages" if messages is not None else "images")
+        return
+    gen.images, gen.image_slots = await gather_images(req.app, messages=messages, images=images)
+
+
+async def generations(gen, n):
+    """Run n independent generations of gen (seed+i for a seeded choice i);
+    yields (index, Chunk) as they come. Closing this stops every generation."""
+    from dataclasses import replace
+    engine = engine_for(gen.model)
+    if n == 1:
+        streams = [iterate_blocking(engine.generate, gen)]
+    else:
+        streams = [iterate_blocking(engine.generate, replace(
+            gen, seed=None if gen.seed is None else (gen.seed + i) & 0xFFFFFFFFFFFFFFFF))
+            for i in range(n)]
+    if n == 1:
+        try:
+            async for chunk in streams[0]:
+                yield 0, chunk
+        finally:
+            await streams[0].aclose()
+        return
+    queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for chunk in stream:
+                await queue.put((i, chunk, None))
+        except Exception as exc:
+            await queue.put((i, None, exc))
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = n
+        while remaining:
+            i, chunk, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            yield i, chunk
+            if chunk.done:
+                remaining -= 1
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+
+
+async def collect(gen, n):
+    """Run to the end: ([text per choice], [final Chunk per choice])."""
+    texts, finals = [[] for _ in range(n)], [None] * n
+    stream = generations(gen, n)
+    try:
+        async for i, chunk in stream:
+            if chunk.done:
+                finals[i] = chunk
+            else:
+                texts[i].append(chunk.text)
+    finally:
+        await stream.aclose()
+    return ["".join(t) for t in texts], finals
+
+
+# -- pure response builders -------------------------------------------------------
+def openai_usage(finals):
+    first = finals[0]
+    completion = sum(f.completion_tokens for f in finals)
+    return {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": first.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
+
+
+def chat_completion(rid, created, model, texts, finals):
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": f.finish_reason}
+                        for i, (text, f) in enumerate(zip(texts, finals))],
+            "usage": openai_usage(finals)}
+
+
+def text_completion(rid, created, model, texts, finals):
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": f.finish_reason}
+                        for i, (text, f) in enumerate(zip(texts, finals))],
+            "usage": openai_usage(finals)}
+
+
+def chat_chunk(rid, created, model, index, delta, finish_reason=None, usage=False):
+    out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [{"index": index, "delta": delta, "logprobs": None,
+                        "finish_reason": finish_reason}]}
+    if usage:
+        out["usage"] = None
+    return out
+
+
+def text_chunk(rid, created, model, index, text, finish_reason=None, usage=False):
+    out = {"id": rid, "object": "text_completion", "created": created, "model": model,
+           "choices": [{"index": index, "text": text, "logprobs": None,
+                        "finish_reason": finish_reason}]}
+    if usage:
+        out["usage"] = None
+    return out
+
+
+def usage_chunk(rid, created, model, kind, finals):
+    return {"id": rid, "object": kind, "created": created, "model": model,
+            "choices": [], "usage": openai_usage(finals)}
+
+
+def ollama_stats(final, started_ns):
+    """Ollama's closing fields, real durations in nanoseconds."""
+    return {"done": True, "done_reason": final.finish_reason,
+            "total_duration": time.monotonic_ns() - started_ns,
+            "load_duration": int(final.load_seconds * 1e9),
+            "prompt_eval_count": final.prompt_tokens,
+            "prompt_eval_duration": int(final.prompt_seconds * 1e9),
+            "eval_count": final.completion_tokens,
+            "eval_duration": int(final.generate_seconds * 1e9)}
+
+
+def ollama_piece(model, text, chat, done=False):
+    out = {"model": model, "created_at": iso_time(time.time())}
+    if chat:
+        out["message"] = {"role": "assistant", "content": text}
+    else:
+        out["response"] = text
+    out["done"] = done
+    return out
+
+
+# -- OpenAI handlers -----------------------------------------------------------------
+async def openai_answer(gen, model, n, stream, include_usage, chat):
+    rid, created = new_id("chatcmpl-" if chat else "cmpl-"), int(time.time())
+    if not stream:
+        texts, finals = await collect(gen, n)
+        return json_response((chat_completion if chat else text_completion)(rid, created, model, texts, finals))
+
+    async def events():
+        finals = [None] * n
+        source = generations(gen, n)
+        try:
+            if chat:                                     # the role comes first, as OpenAI sends it
+                for i in range(n):
+                    yield chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""},
+                                     usage=include_usage)
+            async for i, chunk in source:
+                if chunk.done:
+                    finals[i] = chunk
+                    yield (chat_chunk(rid, created, model, i, {}, chunk.finish_reason, include_usage) if chat
+                           else text_chunk(rid, created, model, i, "", chunk.finish_reason, include_usage))
+                elif chunk.text:
+                    yield (chat_chunk(rid, created, model, i, {"content": chunk.text}, usage=include_usage)
+                           if chat else text_chunk(rid, created, model, i, chunk.text, usage=include_usage))
+            if include_usage:
+                yield usage_chunk(rid, created, model, "chat.completion.chunk" if chat else "text_completion",
+                                  finals)
+        finally:
+            await source.aclose()
+    return sse_response(_first_ready(events()))
+
+
+async def _first_ready(events):
+    """Start the engine before the first event goes out: the role chunk is only
+    sent once the engine accepted the request (so errors are real 4xx/503)."""
+    buffered = []
+    try:
+        async for event in events:
+            buffered.append(event)
+            choices = event.get("choices") or [{}]
+            if "role" not in choices[0].get("delta", {}):
+                break
+        for event in buffered:
+            yield event
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()
+
+
 async def h_chat_completions(req):
-    raise HTTPError(501, "not implemented yet")
+    body = req.json_body()
+    name = get_str(body, "model", required=True)
+    raw = body.get("messages")
+    messages = parse_messages(raw)
+    fields, n, stream, include_usage = parse_openai(body, default_max=DEFAULT_MAX_TOKENS)
+    info = await resolve_model(req, name)
+    gen = gen_request(model=info, messages=messages, **fields)
+    await add_images(req, gen, messages=raw)
+    return await openai_answer(gen, name, n, stream, include_usage, chat=True)
 
 
 async def h_completions(req):
-    raise HTTPError(501, "not implemented yet")
+    body = req.json_body()
+    name = get_str(body, "model", required=True)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise HTTPError(400, "'prompt' must be a string", param="prompt")
+    if get_bool(body, "echo", False):
+        raise HTTPError(400, "'echo' is not supported by this server", param="echo")
+    fields, n, stream, include_usage = parse_openai(body, default_max=COMPLETION_DEFAULT_TOKENS)
+    info = await resolve_model(req, name)
+    gen = gen_request(model=info, prompt=prompt, **fields)
+    return await openai_answer(gen, name, n, stream, include_usage, chat=False)
+
+
+# -- Ollama handlers -----------------------------------------------------------------
+async def ollama_answer(req, gen, stream, chat, model):
+    started = time.monotonic_ns()
+    if not stream:
+        texts, finals = await collect(gen, 1)
+        out = ollama_piece(model, texts[0], chat)
+        out.update(ollama_stats(finals[0], started))
+        return json_response(out)
+
+    async def objects():
+        source = generations(gen, 1)
+        try:
+            async for _, chunk in source:
+                if chunk.done:
+                    out = ollama_piece(model, "", chat)
+                    out.update(ollama_stats(chunk, started))
+                    yield out
+                elif chunk.text:
+                    yield ollama_piece(model, chunk.text, chat)
+        finally:
+            await source.aclose()
+    return ndjson_response(objects())
+
+
+async def ollama_load_or_unload(req, info, keep_alive, chat, model):
+    """Ollama's idiom: no prompt/messages loads the model; with keep_alive 0 unloads it."""
+    engine = engine_for(info)
+    if keep_alive is not None and keep_alive == 0:
+        if hasattr(engine, "unload"):
+            await run_blocking(engine.unload, info)
+        reason = "unload"
+    else:
+        if hasattr(engine, "load"):
+            await run_blocking(engine.load, info, keep_alive)
+        reason = "load"
+    out = ollama_piece(model, "", chat)
+    out.update({"done": True, "done_reason": reason})
+    return json_response(out)
 
 
 async def h_api_chat(req):
-    raise HTTPError(501, "not implemented yet")
+    body = req.json_body()
+    name = get_str(body, "model")
+    raw = body.get("messages")
+    messages = parse_messages(raw, required=False)
+    fields = parse_ollama(body)
+    stream = bool(get_bool(body, "stream", False))
+    info = await (resolve_model(req, name) if name else fallback_model(req))
+    model = name or info.id
+    if not messages:
+        return await ollama_load_or_unload(req, info, fields["keep_alive"], True, model)
+    gen = gen_request(model=info, messages=messages, **fields)
+    await add_images(req, gen, messages=raw)
+    return await ollama_answer(req, gen, stream, True, model)
 
 
 async def h_api_generate(req):
-    raise HTTPError(501, "not implemented yet")
+    body = req.json_body()
+    name = get_str(body, "model", required=True)
+    prompt = get_str(body, "prompt") or ""
+    system = get_str(body, "system")
+    raw_mode = bool(get_bool(body, "raw", False))
+    refuse_unsupported(body, ("template", "context", "suffix"))
+    fields = parse_ollama(body)
+    stream = bool(get_bool(body, "stream", False))
+    info = await resolve_model(req, name)
+    if not prompt and not body.get("images"):
+        return await ollama_load_or_unload(req, info, fields["keep_alive"], False, name)
+    if raw_mode:
+        gen = gen_request(model=info, prompt=prompt, **fields)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+                   [{"role": "user", "content": prompt}]
+        gen = gen_request(model=info, messages=messages, **fields)
+    await add_images(req, gen, images=body.get("images"))
+    if gen.images and not raw_mode:                   # top-level images belong to the prompt
+        gen.image_slots = [len(gen.messages) - 1 if s is None else s for s in gen.image_slots]
+    return await ollama_answer(req, gen, stream, False, name)
 
 
 # ============================================================================
