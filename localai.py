@@ -1530,16 +1530,56 @@ async def h_transcriptions(req):
     return text_response(body if isinstance(body, str) else body(t))
 
 
+def speech_options(body):
+    """Validate a /v1/audio/speech body -> tts.SpeechRequest (pure; 400 names the field)."""
+    from engines import tts
+    model = body.get("model")
+    if model is None or (isinstance(model, str) and not model.strip()):
+        raise HTTPError(400, "'model' is required", param="model")
+    if not isinstance(model, str):
+        raise HTTPError(400, "'model' must be a string", param="model")
+    if body.get("instructions") not in (None, ""):      # would change the voice: never ignore it
+        raise HTTPError(400, "'instructions' are not supported by the local speech engine",
+                        param="instructions")
+    if body.get("stream_format") not in (None, "audio"):
+        raise HTTPError(400, "only stream_format 'audio' is supported", param="stream_format")
+    return tts.check(body.get("input"), body.get("voice"), body.get("speed"), body.get("response_format"))
+
+
+async def _audio_body(chunks):
+    """Encoded audio as it is produced. The first piece is taken before the head goes
+    out, so errors up to then are real 4xx/5xx. A failure after that must not look
+    like a complete file: the connection ends without the last chunk (the client sees
+    a truncated body) instead of carrying error text inside the audio."""
+    started = False
+    try:
+        async for data in chunks:
+            started = True
+            yield data
+    except Exception as exc:
+        if not started:
+            raise
+        log.error("speech stream failed after the head was sent: %s", exc)
+        raise ConnectionAbortedError("speech stream failed") from exc
+    finally:
+        await aclose_quietly(chunks)
+
+
 async def h_speech(req):
-    raise HTTPError(501, "not implemented yet")
+    from engines import tts
+    speech = speech_options(req.json_body())
+    content_type, headers = tts.media(speech.fmt)
+    return StreamResponse(content_type, _audio_body(iterate_blocking(tts.stream, speech)), headers=headers)
 
 
 async def h_audio_voices(req):
-    raise HTTPError(501, "not implemented yet")
+    from engines import tts
+    return json_response({"voices": [{"id": vid, "name": name} for vid, name in tts.voices()]})
 
 
 async def h_audio_models(req):
-    raise HTTPError(501, "not implemented yet")
+    from engines import tts
+    return json_response({"models": [{"id": model} for model in tts.MODELS]})
 
 
 # ============================================================================
