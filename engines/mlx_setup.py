@@ -1,0 +1,555 @@
+"""MLX made fast on an ordinary CPU: which BLAS it calls, which dtype weights run in.
+
+OWNER: perf helper (issue 8). Used by engines/llm.py (and vlm.py):
+
+    configure(config=None)      before the first `import mlx` (idempotent)
+    prepare(model, info=None)   right after mlx_lm's load_model; returns the model
+    describe(model=None)        dict for the start banner and /api/ps
+
+Why (measured on Linux x86_64, 2 cores, mlx[cpu] 0.32, SmolLM2-135M; see
+shared/DESIGN.md section 5 and bench/llm_bench.py):
+
+1. The Linux `mlx` CPU wheel links the reference (netlib) BLAS. MLX resolves only
+   `cblas_sgemm` (plus LAPACK) from it, through the dynamic linker's global scope, so
+   a BLAS loaded with RTLD_GLOBAL *before* mlx wins. We load the system OpenBLAS
+   (Debian libopenblas0-pthread): a 1000x576x1536 gemm (prefill) goes ~230 ms -> ~5 ms.
+2. Decoding multiplies ONE row by every weight matrix (M=1). OpenBLAS's sgemm packs
+   the whole weight matrix for that, twice the memory traffic of a gemv, and MLX never
+   calls sgemv. A 60-line C shim (below, compiled once with the system C compiler
+   into a cache directory, optional) exports `cblas_sgemm` ahead of OpenBLAS and
+   sends M=1 to OpenBLAS's sgemv, M=2..SMALL_M to a kernel that reads each weight row
+   once for all rows (batched decoding), and everything else to OpenBLAS's sgemm.
+   The 576x49152 head: 4.5 ms -> 2.1 ms at M=1; 8 ms -> 4.4 ms at M=4.
+3. MLX's CPU quantized matmul and its float16/bfloat16 matmuls are far slower than
+   float32 BLAS (576x49152 head: q4 17 ms, bf16 20 ms, f16 39 ms, f32 2 ms), so on
+   a CPU the weights are dequantized to float32 when the copy fits the memory budget
+   (LOCALAI_MLX_MEMORY_BUDGET, e.g. "2G"; default a quarter of RAM). On a GPU
+   (Metal/CUDA) quantized weights stay: that is their fast path.
+Outputs stay the same: float32 weights are the exact dequantized values; logits
+agree with the quantized model within float16 rounding (tests/test_mlx_setup.py).
+
+Switches (environment, or the same-named lower-case attribute on the config):
+    LOCALAI_MLX_BLAS        auto (shim if a C compiler exists, else OpenBLAS) |
+                            openblas | off
+    LOCALAI_BLAS_THREADS    OpenBLAS threads (default: the CPUs we may run on)
+    LOCALAI_MLX_MEMORY_BUDGET  bytes the float32 copy may take ("512M", "4G", "0"
+                            disables dequantizing)
+    LOCALAI_MLX_DTYPE       auto | float32 | keep
+"""
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# --- limits and defaults ------------------------------------------------------------
+# Where Debian/Ubuntu/Fedora put a threaded OpenBLAS; find_library() is tried after.
+OPENBLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+# Largest batch the shim's small-M kernel takes: measured faster than OpenBLAS's
+# packing sgemm up to 4 rows on this CPU (4.4 vs 8 ms for the head); beyond that
+# OpenBLAS's blocked kernel amortises its packing and wins.
+SMALL_M = 4
+# Default memory budget for a float32 copy of the weights: a quarter of physical
+# RAM, so the copy never crowds out the KV caches, other models, or the desktop.
+DEFAULT_BUDGET_FRACTION = 0.25
+# Seconds the one-off compile of the shim may take before we give up on it.
+COMPILE_TIMEOUT = 60
+# The verification gemm: big enough that netlib (~100 ms) and OpenBLAS (~2 ms)
+# cannot be confused, small enough to cost nothing at start.
+VERIFY_N = 384
+
+_SHIM_C = r"""
+/* localai BLAS shim: route MLX's cblas_sgemm calls by shape (see mlx_setup.py). */
+#include <dlfcn.h>
+#include <stddef.h>
+typedef void (*sgemm_t)(int, int, int, int, int, int, float, const float *, int,
+                        const float *, int, float, float *, int);
+typedef void (*sgemv_t)(int, int, int, int, float, const float *, int, const float *,
+                        int, float, float *, int);
+static sgemm_t real_sgemm;
+static sgemv_t real_sgemv;
+static long n_calls, n_gemv, n_small;
+static int small_max = 0;
+enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
+
+int localai_blas_init(const char *path, int smax) {
+  void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+  if (!h) return -1;
+  real_sgemm = (sgemm_t)dlsym(h, "cblas_sgemm");
+  real_sgemv = (sgemv_t)dlsym(h, "cblas_sgemv");
+  small_max = smax;
+  return (real_sgemm && real_sgemv) ? 0 : -2;
+}
+long localai_blas_count(int which) {
+  return which == 0 ? n_calls : which == 1 ? n_gemv : n_small;
+}
+
+/* C[m][n] = alpha * sum_k A[m][k] * B[n][k] (+ beta * C[m][n]) for a few rows of A:
+   each row of B (a weight row) is read from memory once for all MM rows of A. */
+#ifdef __AVX512F__
+#define VW 16
+#else
+#define VW 8
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+static inline vf ld(const float *p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < VW; i++) s += v[i]; return s; }
+#define SMALL(MM)                                                                   \
+  static void small_##MM(int N, int K, float alpha, const float *A, int lda,        \
+                         const float *B, int ldb, float beta, float *C, int ldc) {  \
+    int KV = K - K % VW;                                                            \
+    for (int n = 0; n < N; n++) {                                                   \
+      const float *b = B + (size_t)n * ldb;                                         \
+      vf acc[MM];                                                                   \
+      for (int m = 0; m < MM; m++) acc[m] = (vf){0};                                \
+      for (int k = 0; k < KV; k += VW) {                                            \
+        vf bv = ld(b + k);                                                          \
+        _Pragma("GCC unroll 16") for (int m = 0; m < MM; m++)                       \
+          acc[m] += ld(A + (size_t)m * lda + k) * bv;                               \
+      }                                                                             \
+      for (int m = 0; m < MM; m++) {                                                \
+        const float *a = A + (size_t)m * lda;                                       \
+        float s = hsum(acc[m]);                                                     \
+        for (int k = KV; k < K; k++) s += a[k] * b[k];                              \
+        float *c = C + (size_t)m * ldc + n;                                         \
+        *c = beta == 0.f ? alpha * s : alpha * s + beta * *c;                       \
+      }                                                                             \
+    }                                                                               \
+  }
+SMALL(2) SMALL(3) SMALL(4) SMALL(5) SMALL(6) SMALL(7) SMALL(8)
+
+void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
+                 const float *A, int lda, const float *B, int ldb, float beta,
+                 float *C, int ldc) {
+  n_calls++;
+  if (order == RowMajor && ta == NoTrans && M == 1) {
+    n_gemv++;  /* one row: y = op(B)^T x, a matrix-vector product */
+    if (tb == Trans)
+      real_sgemv(RowMajor, NoTrans, N, K, alpha, B, ldb, A, 1, beta, C, 1);
+    else
+      real_sgemv(RowMajor, Trans, K, N, alpha, B, ldb, A, 1, beta, C, 1);
+    return;
+  }
+  if (order == RowMajor && ta == NoTrans && tb == Trans && M >= 2 && M <= small_max
+      && ldc >= N) {
+    n_small++;
+    switch (M) {
+      case 2: small_2(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
+      case 3: small_3(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
+      case 4: small_4(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
+      case 5: small_5(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
+      case 6: small_6(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
+      case 7: small_7(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
+      case 8: small_8(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
+    }
+  }
+  real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+"""
+
+_lock = threading.Lock()
+_configured = False
+_shim = None           # the loaded shim (ctypes.CDLL), if any
+_openblas = None       # the loaded OpenBLAS (ctypes.CDLL), if any
+_state = {             # what configure() chose; describe() reports it
+    "device": "unknown",
+    "blas": "mlx default",
+    "blas_threads": None,
+    "shim": False,
+    "reasons": [],
+}
+_prepared = {}         # id(model) -> what prepare() chose for it
+_last_prepared = None
+
+
+# --- settings -------------------------------------------------------------------------
+def _setting(config, name, default=None):
+    """A switch: the environment wins over the config attribute, then the default."""
+    env = os.environ.get("LOCALAI_" + name.upper())
+    if env not in (None, ""):
+        return env
+    val = getattr(config, name.lower(), None) if config is not None else None
+    return default if val in (None, "") else val
+
+
+def parse_size(text):
+    """Bytes from "123", "512M", "4G", "1.5GiB", "2GB" (binary multiples)."""
+    s = str(text).strip().upper().replace(" ", "")
+    for suffix in ("IB", "B"):
+        if s.endswith(suffix) and len(s) > len(suffix) and not s[-len(suffix) - 1].isdigit():
+            s = s[: -len(suffix)]
+            break
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if s and s[-1] in mult:
+        return int(float(s[:-1]) * mult[s[-1]])
+    if s.endswith("B"):
+        s = s[:-1]
+    return int(float(s))
+
+
+def _physical_ram():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _mb(n):
+    return f"{n / (1 << 20):.0f} MB"
+
+
+# --- configure: BLAS before mlx is imported ---------------------------------------------
+def configure(config=None):
+    """Choose and load the BLAS MLX will call. Call before the first `import mlx`;
+    later calls do nothing. Never raises: a failure leaves MLX's default BLAS and a
+    reason in describe()."""
+    global _configured
+    with _lock:
+        if _configured:
+            return
+        _configured = True
+        try:
+            _configure(config)
+        except Exception as e:  # a faster BLAS is an optimisation, never a failure
+            _state["reasons"].append(f"BLAS setup failed ({type(e).__name__}: {e}); "
+                                     "MLX's default BLAS is used")
+        _verify()
+
+
+def _configure(config):
+    reasons = _state["reasons"]
+    mode = str(_setting(config, "mlx_blas", "auto")).lower()
+    if mode in ("off", "0", "no", "none", "default"):
+        reasons.append("BLAS preload disabled (LOCALAI_MLX_BLAS=off)")
+        return
+    if sys.platform != "linux":
+        reasons.append(f"{sys.platform}: MLX's own BLAS (Accelerate on macOS) is used")
+        return
+    if "mlx.core" in sys.modules:
+        reasons.append("mlx was imported before configure(): its BLAS is already bound")
+        return
+    path = _find_openblas()
+    if path is None:
+        reasons.append("no system OpenBLAS found (Debian: apt install libopenblas0-pthread); "
+                       "MLX's bundled reference BLAS is slow")
+        return
+    threads = int(_setting(config, "blas_threads", 0) or 0) or _cpus()
+    # OpenBLAS reads these when it loads; an operator's own setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads))
+    _state["blas_threads"] = int(os.environ["OPENBLAS_NUM_THREADS"])
+    if _has_avx512() and "OPENBLAS_CORETYPE" not in os.environ:
+        # OpenBLAS 0.3.21 (Debian 12) does not know AMD Zen 4 and falls back to its
+        # AVX2 "Haswell" kernels; its AVX-512 "SkylakeX" ones run the prefill gemms
+        # 1.8x faster here (1000x576x1536: 6.9 -> 3.8 ms). Only when the CPU has them.
+        os.environ["OPENBLAS_CORETYPE"] = "SKYLAKEX"
+        reasons.append("CPU has AVX-512: OpenBLAS told to use its SkylakeX kernels")
+    if mode == "auto":
+        lib = _build_shim()
+        if lib is not None:
+            _load_with_shim(lib, path)
+            return
+    _load_openblas(path)
+
+
+def _has_avx512():
+    flags = set(_cpu_signature().split())
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags
+
+
+def _find_openblas():
+    for p in OPENBLAS_CANDIDATES:
+        if os.path.exists(p):
+            return p
+    name = ctypes.util.find_library("openblas")
+    return name
+
+
+def _load_openblas(path):
+    global _openblas
+    _openblas = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    _state["blas"] = f"OpenBLAS ({path})"
+    _state["reasons"].append("system OpenBLAS preloaded ahead of the wheel's reference BLAS")
+    _describe_openblas()
+
+
+def _load_with_shim(lib, path):
+    global _shim, _openblas
+    shim = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    shim.localai_blas_init.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    shim.localai_blas_count.restype = ctypes.c_long
+    rc = shim.localai_blas_init(os.fsencode(path), SMALL_M)
+    if rc != 0:
+        _state["reasons"].append(f"BLAS shim could not bind OpenBLAS (rc {rc})")
+        _load_openblas(path)
+        return
+    _shim = shim
+    _openblas = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # already loaded: a handle
+    _state["blas"] = f"OpenBLAS ({path}) via localai shim"
+    _state["shim"] = True
+    _state["reasons"].append(
+        "system OpenBLAS preloaded; shim sends one-row products to sgemv and "
+        f"2..{SMALL_M}-row ones to a single-pass kernel (decode, batched decode)")
+    _describe_openblas()
+
+
+def _describe_openblas():
+    try:
+        _openblas.openblas_get_corename.restype = ctypes.c_char_p
+        _state["blas_core"] = _openblas.openblas_get_corename().decode()
+        _state["blas_threads"] = int(_openblas.openblas_get_num_threads())
+    except (AttributeError, OSError):
+        pass
+
+
+def _cache_dir():
+    base = os.environ.get("LOCALAI_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "localai")
+    return Path(base) / "mlx_setup"
+
+
+def _cpu_signature():
+    """Flags line of /proc/cpuinfo: the shim is built with -march=native, so a cache
+    shared between different CPUs must not hand one CPU another's binary."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_shim():
+    """Path of the compiled shim (built once per source+CPU), or None."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        _state["reasons"].append("no C compiler: BLAS shim skipped")
+        return None
+    flags = ["-O3", "-march=native", "-shared", "-fPIC"]
+    key = hashlib.sha256((_SHIM_C + " ".join(flags) + _cpu_signature()
+                          + platform.machine()).encode()).hexdigest()[:16]
+    for d in (_cache_dir(), Path(tempfile.gettempdir()) / f"localai-{os.getuid()}"):
+        lib = d / f"libblasshim-{key}.so"
+        if lib.is_file():
+            return lib
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with tempfile.TemporaryDirectory(dir=d) as tmp:
+                src = Path(tmp) / "shim.c"
+                out = Path(tmp) / "shim.so"
+                src.write_text(_SHIM_C)
+                r = subprocess.run([cc, *flags, "-o", str(out), str(src), "-ldl"],
+                                   stdin=subprocess.DEVNULL, capture_output=True,
+                                   timeout=COMPILE_TIMEOUT)
+                if r.returncode != 0 or not out.is_file():
+                    _state["reasons"].append(
+                        "BLAS shim did not compile: "
+                        + r.stderr.decode(errors="replace").strip()[:200])
+                    return None
+                os.replace(out, lib)  # atomic: concurrent starts never see half a file
+            return lib
+        except (OSError, subprocess.SubprocessError):
+            continue
+    _state["reasons"].append("no writable cache directory for the BLAS shim")
+    return None
+
+
+def _verify():
+    """Import mlx and prove which BLAS its float32 matmul reaches (counter in the shim,
+    and the speed of a gemm that netlib cannot reach)."""
+    try:
+        import mlx.core as mx
+    except ImportError:
+        _state["device"] = "unavailable"
+        return
+    dev = mx.default_device()
+    _state["device"] = "gpu" if dev == mx.gpu else "cpu"
+    try:
+        with mx.stream(mx.cpu):
+            a = mx.ones((VERIFY_N, VERIFY_N))
+            mx.eval(a @ a)
+            before = _shim.localai_blas_count(0) if _shim is not None else 0
+            t0 = time.perf_counter()
+            mx.eval(a @ a)
+            dt = time.perf_counter() - t0
+            x = mx.ones((1, VERIFY_N))
+            mx.eval(x @ a)
+        _state["gemm_gflops"] = round(2 * VERIFY_N ** 3 / dt / 1e9, 1)
+        if _shim is not None:
+            calls = _shim.localai_blas_count(0) - before
+            gemv = _shim.localai_blas_count(1)
+            if calls <= 0 or gemv <= 0:
+                _state["reasons"].append("shim loaded but MLX did not call it")
+                _state["shim"] = False
+    except Exception as e:
+        _state["reasons"].append(f"BLAS check failed: {type(e).__name__}: {e}")
+
+
+def blas_calls():
+    """(all sgemm calls, routed to sgemv, routed to the small-M kernel) seen by the
+    shim, or None without it. For tests and the benchmark."""
+    if _shim is None:
+        return None
+    return tuple(int(_shim.localai_blas_count(i)) for i in range(3))
+
+
+# --- prepare: the dtype the weights run in ----------------------------------------------
+def memory_budget(config=None):
+    """Bytes a float32 copy of a model's weights may take."""
+    val = _setting(config, "mlx_memory_budget", None)
+    if val is None:
+        return int(_physical_ram() * DEFAULT_BUDGET_FRACTION)
+    return parse_size(val)
+
+
+def _float32_bytes(model):
+    """Bytes the model's weights take once every quantized matrix is float32."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    quantized = {name: m for name, m in model.named_modules()
+                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    total = 0
+    for key, v in tree_flatten(model.parameters()):
+        owner, _, leaf = key.rpartition(".")
+        q = quantized.get(owner)
+        if q is None:
+            total += v.size * 4
+        elif leaf == "weight":
+            total += v.size * 32 // q.bits * 4     # packed uint32 -> elements
+        elif leaf not in ("scales", "biases"):
+            total += v.size * 4
+    return total
+
+
+def _weights_bytes(model):
+    from mlx.utils import tree_flatten
+    return sum(v.nbytes for _k, v in tree_flatten(model.parameters()))
+
+
+def prepare(model, info=None, config=None):
+    """Choose the dtype the weights run in on this device; returns the model (changed
+    in place). On a CPU: float32 when the copy fits the memory budget."""
+    global _last_prepared
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    t0 = time.perf_counter()
+    chosen = {"model": getattr(info, "id", None), "reasons": []}
+    reasons = chosen["reasons"]
+    on_gpu = mx.default_device() == mx.gpu
+    chosen["device"] = "gpu" if on_gpu else "cpu"
+    quantized = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    before = _weights_bytes(model)
+    chosen["weights_bytes_before"] = before
+    want = str(_setting(config, "mlx_dtype", "auto")).lower()
+    dtypes = sorted({str(v.dtype).replace("mlx.core.", "")
+                     for v in _leaves(model) if v.dtype in (mx.float16, mx.bfloat16, mx.float32)})
+    if want == "keep":
+        reasons.append("LOCALAI_MLX_DTYPE=keep: weights as stored")
+    elif on_gpu and want != "float32":
+        reasons.append("GPU: quantized/half-precision kernels are the fast path there")
+    else:
+        need = _float32_bytes(model)
+        budget = memory_budget(config)
+        chosen["float32_bytes"] = need
+        chosen["memory_budget"] = budget
+        if need > budget:
+            reasons.append(f"float32 copy ({_mb(need)}) over the memory budget "
+                           f"({_mb(budget)}, LOCALAI_MLX_MEMORY_BUDGET): weights kept as "
+                           "stored (slower on a CPU)")
+        elif quantized or any(d != "float32" for d in dtypes):
+            _to_float32(model, quantized)
+            reasons.append(
+                f"CPU: weights dequantized/cast to float32 ({_mb(need)} <= budget "
+                f"{_mb(budget)}): float32 BLAS beats MLX's CPU quantized and half "
+                "matmuls several times")
+        else:
+            reasons.append("weights already float32")
+    quant_left = [n for n, m in model.named_modules()
+                  if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    after_dtypes = sorted({str(v.dtype).replace("mlx.core.", "") for v in _leaves(model)
+                           if v.dtype in (mx.float16, mx.bfloat16, mx.float32)})
+    chosen["dtype"] = ("quantized+" if quant_left else "") + "/".join(after_dtypes or ["?"])
+    if quantized and quant_left:
+        q = quantized[0][1]
+        chosen["dtype"] = f"{q.bits}-bit quantized (" + "/".join(after_dtypes) + ")"
+    chosen["weights_bytes"] = _weights_bytes(model)
+    chosen["prepare_seconds"] = round(time.perf_counter() - t0, 3)
+    _prepared[id(model)] = chosen
+    _last_prepared = chosen
+    return model
+
+
+def _leaves(model):
+    from mlx.utils import tree_flatten
+    return [v for _k, v in tree_flatten(model.parameters())]
+
+
+def _to_float32(model, quantized):
+    """Replace quantized layers by float32 ones holding the exact dequantized values,
+    one layer at a time (the peak is one layer, not a second model), then cast the
+    remaining floating parameters to float32."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_unflatten
+
+    new = []
+    for name, module in quantized:
+        w = mx.dequantize(module.weight, module.scales, module.get("biases"),
+                          group_size=module.group_size, bits=module.bits,
+                          mode=getattr(module, "mode", "affine"), dtype=mx.float32)
+        mx.eval(w)
+        if isinstance(module, nn.QuantizedEmbedding):
+            layer = nn.Embedding(w.shape[0], w.shape[1])
+        else:
+            has_bias = "bias" in module
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
+            if has_bias:
+                layer.bias = module.bias.astype(mx.float32)
+        layer.weight = w
+        new.append((name, layer))
+    if new:
+        model.update_modules(tree_unflatten(new))
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+
+
+# --- describe ----------------------------------------------------------------------------
+def describe(model=None):
+    """What was chosen and why: {device, dtype, blas, blas_threads, shim, reasons, ...}.
+    With a model: that model's choice; without: the last prepared model's."""
+    out = {k: (list(v) if isinstance(v, list) else v) for k, v in _state.items()}
+    chosen = _prepared.get(id(model)) if model is not None else _last_prepared
+    if chosen:
+        out["device"] = chosen.get("device", out["device"])
+        out["dtype"] = chosen.get("dtype")
+        out["weights_bytes"] = chosen.get("weights_bytes")
+        for k in ("float32_bytes", "memory_budget", "model"):
+            if k in chosen:
+                out[k] = chosen[k]
+        out["reasons"] = out["reasons"] + chosen["reasons"]
+    return out

@@ -1,0 +1,158 @@
+"""engines/mlx_setup.py: the BLAS MLX calls and the dtype weights run in, with outputs
+unchanged. configure() must run before mlx is first imported, so every check runs in
+a fresh interpreter (a subprocess) and reports JSON back."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
+
+
+def run_py(code, env=None, timeout=300):
+    e = dict(os.environ)
+    e.update(env or {})
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+SHIM_CHECK = r"""
+import json, numpy as np
+from engines import mlx_setup as ms
+ms.configure()
+import mlx.core as mx
+rng = np.random.default_rng(0)
+errs = []
+c0 = ms.blas_calls()
+# Shapes the shim routes differently: one row (sgemv, both layouts of B), 2..4 rows
+# (single-pass kernel, K not a multiple of the vector width, odd N), more rows (sgemm).
+for M, N, K in [(1, 1000, 576), (1, 37, 19), (2, 1001, 576), (3, 64, 17), (4, 1536, 577),
+                (4, 5, 1), (5, 300, 64), (8, 49, 576), (64, 96, 200)]:
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    ref = a.astype(np.float64) @ w.T.astype(np.float64)
+    A, W = mx.array(a), mx.array(w)
+    e1 = float(np.abs(np.array(A @ W.T) - ref).max() / (np.abs(ref).max() + 1e-9))
+    e2 = float(np.abs(np.array(A @ mx.contiguous(W.T)) - ref).max() / (np.abs(ref).max() + 1e-9))
+    e3 = float(np.abs(np.array(mx.addmm(mx.ones((M, N)), A, W.T, alpha=0.5, beta=2.0))
+                      - (0.5 * ref + 2.0)).max() / (np.abs(ref).max() + 1e-9))
+    errs.append(max(e1, e2, e3))
+print(json.dumps({"describe": ms.describe(), "before": c0, "after": ms.blas_calls(),
+                  "max_rel_err": max(errs)}))
+"""
+
+
+@pytest.mark.skipif(not OPENBLAS.exists(), reason="Debian libopenblas0-pthread not installed")
+def test_configure_routes_mlx_matmuls_through_openblas_and_shim(tmp_path):
+    out = run_py(SHIM_CHECK, env={"LOCALAI_CACHE_DIR": str(tmp_path)})
+    d = out["describe"]
+    assert d["device"] == "cpu"
+    assert "OpenBLAS" in d["blas"], d
+    # The wheel's reference BLAS manages ~5 GFLOP/s on a 384^3 gemm; OpenBLAS tens.
+    assert d["gemm_gflops"] > 20, d
+    assert out["max_rel_err"] < 1e-5
+    if d["shim"]:
+        before, after = out["before"], out["after"]
+        assert after[0] > before[0]          # MLX's cblas_sgemm calls reach the shim
+        assert after[1] > before[1]          # one-row products went to sgemv
+        assert after[2] > before[2]          # 2..4-row products to the small kernel
+        assert list(tmp_path.glob("mlx_setup/libblasshim-*.so"))
+
+
+def test_blas_off_leaves_mlx_alone():
+    out = run_py("import json\nfrom engines import mlx_setup as ms\nms.configure()\n"
+                 "import mlx.core as mx\nprint(json.dumps(ms.describe()))",
+                 env={"LOCALAI_MLX_BLAS": "off"})
+    assert out["blas"] == "mlx default" and out["shim"] is False
+    assert any("disabled" in r for r in out["reasons"])
+
+
+def test_parse_size():
+    from engines.mlx_setup import parse_size
+    assert parse_size("123") == 123
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("4G") == 4 << 30
+    assert parse_size("1.5GiB") == 3 << 29
+    assert parse_size("2GB") == 2 << 30
+    assert parse_size("0") == 0
+
+
+SAME_OUTPUT = r"""
+import json, sys
+from pathlib import Path
+from engines import mlx_setup as ms
+ms.configure()
+import mlx.core as mx
+from mlx_lm.utils import load_model
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+from mlx_lm.models.cache import make_prompt_cache
+
+path = Path(sys.argv[1])
+tok = load_tokenizer(path)
+ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                              add_generation_prompt=True, tokenize=True)
+
+def run(model, n=24):
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([ids]), cache=cache)[0].astype(mx.float32)
+    mx.eval(logits)
+    out = []
+    y = logits[-1].argmax()
+    for _ in range(n):
+        t = y.item()
+        out.append(t)
+        if t in tok.eos_token_ids:
+            break
+        y = model(mx.array([[t]]), cache=cache)[0, -1].argmax()
+    return logits, out
+
+plain, _ = load_model(path)
+ref_logits, ref_ids = run(plain)
+del plain
+fast, _ = load_model(path)
+fast = ms.prepare(fast)
+got_logits, got_ids = run(fast)
+diff = float(mx.abs(got_logits - ref_logits).max())
+scale = float(mx.abs(ref_logits).max())
+agree = float((got_logits.argmax(-1) == ref_logits.argmax(-1)).astype(mx.float32).mean())
+print(json.dumps({"describe": ms.describe(fast), "diff": diff, "scale": scale,
+                  "argmax_agree": agree, "ref": tok.decode(ref_ids), "got": tok.decode(got_ids),
+                  "ref_ids": ref_ids, "got_ids": got_ids}))
+"""
+
+
+def test_prepared_model_gives_the_same_output(models_dir, tmp_path):
+    path = next(p for p in Path(models_dir).iterdir() if (p / "config.json").is_file())
+    code = SAME_OUTPUT.replace("sys.argv[1]", repr(str(path)))
+    out = run_py(code, env={"LOCALAI_CACHE_DIR": str(tmp_path)})
+    d = out["describe"]
+    assert d["device"] == "cpu" and d["dtype"] == "float32", d
+    assert d["weights_bytes"] == d["float32_bytes"]
+    assert any("float32" in r for r in d["reasons"])
+    # Greedy text identical; logits within float16 rounding of the quantized model's
+    # (it computes in float16: its scales are float16).
+    assert out["got_ids"] == out["ref_ids"], (out["ref"], out["got"])
+    assert "Paris" in out["got"]
+    assert out["diff"] <= 0.02 * out["scale"], out
+    assert out["argmax_agree"] >= 0.95
+
+
+def test_memory_budget_keeps_quantized_weights(models_dir, tmp_path):
+    path = next(p for p in Path(models_dir).iterdir() if (p / "config.json").is_file())
+    code = ("import json\nfrom pathlib import Path\nfrom engines import mlx_setup as ms\n"
+            "ms.configure()\nfrom mlx_lm.utils import load_model\n"
+            f"m, _ = load_model(Path({str(path)!r}))\nm = ms.prepare(m)\n"
+            "import mlx.core as mx\n"
+            "y = m(mx.array([[1, 2, 3]]))\nmx.eval(y)\n"
+            "print(json.dumps(ms.describe(m)))")
+    d = run_py(code, env={"LOCALAI_MLX_MEMORY_BUDGET": "100M",
+                          "LOCALAI_CACHE_DIR": str(tmp_path)})
+    assert "quantized" in d["dtype"], d
+    assert d["memory_budget"] == 100 << 20
+    assert any("over the memory budget" in r for r in d["reasons"]), d
