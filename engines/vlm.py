@@ -44,8 +44,8 @@ from . import llm as _llm
 from .llm import Chunk, GenRequest  # noqa: F401  (re-exported for callers)
 
 # Jobs waiting behind the one being decoded; past this, Busy (503 + Retry-After).
-# Vision prompts carry hundreds of image tokens, so a long queue means minutes.
-MAX_QUEUE = 4
+# As llm's queue: room for one request with the server's largest n (8) and more.
+MAX_QUEUE = _llm.MAX_QUEUE
 RETRY_AFTER = 10
 # Vision models resident at once (each is large; text models have their own budget).
 MAX_LOADED = 1

@@ -314,7 +314,7 @@ def test_image_to_text_only_model(srv):
     status, obj = post(srv, "/v1/chat/completions", {"model": TEXT, "messages": [
         {"role": "user", "content": [{"type": "text", "text": "hi"},
                                      {"type": "image_url", "image_url": {"url": data_url(png(1))}}]}]})
-    assert_400(status, obj, "model '%s' does not support images" % TEXT)
+    assert_400(status, obj, TEXT, "does not support images")
     status, obj = post(srv, "/api/generate", {"model": TEXT, "prompt": "hi", "stream": False,
                                               "images": [b64(png(1))]})
     assert_400(status, obj, "does not support images")
