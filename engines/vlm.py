@@ -356,7 +356,10 @@ class _Worker:
                     break
                 n_out += 1
                 self.counters["tokens_generated"] += 1
-                det.add_token(token)
+                try:
+                    det.add_token(token)
+                except (IndexError, KeyError, TypeError):
+                    pass    # an id in the embedding's padding, outside the tokenizer: no text
                 held += det.last_segment
                 cut = _llm._find_stop(held, stops)
                 if cut is not None:

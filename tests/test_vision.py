@@ -268,6 +268,20 @@ def test_stop_and_max_tokens_with_image(srv):
     assert short["choices"][0]["finish_reason"] == "length"
 
 
+def test_n_choices_and_load_unload_for_vision_model(srv):
+    client = oa(srv)
+    r = client.chat.completions.create(
+        model=VLM, n=2, temperature=0.9, seed=7, max_tokens=6,
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(png(4))}}]}])
+    assert len(r.choices) == 2 and all(c.message.content for c in r.choices)
+    ol = ollama.Client(host=srv.url)
+    ol.generate(model=VLM, keep_alive=-1)                       # empty prompt: load
+    assert VLM in [m.model for m in ol.ps().models]
+    ol.generate(model=VLM, keep_alive=0)                        # keep_alive 0: unload
+    assert VLM not in [m.model for m in ol.ps().models]
+
+
 # ---------------------------------------------------------------------------
 # hostile inputs, flags off
 # ---------------------------------------------------------------------------
@@ -282,6 +296,8 @@ def assert_400(status, obj, *needles):
 def test_invalid_base64(srv):
     assert_400(*generate_image(srv, "!!!!not base64!!!!"), "base64")
     assert_400(*chat_image(srv, "data:image/png;base64,@@@@"), "base64")
+    assert_400(*chat_image(srv, {"detail": "high"}), "image")        # no url
+    assert_400(*generate_image(srv, 42), "image")
 
 
 def test_not_an_image(srv):
