@@ -119,7 +119,11 @@ PROMPT_CACHE_BYTES = 1 << 30
 # A chat whose template renders nothing useful still needs a token to start from.
 DEFAULT_CONTEXT = 2048     # used only when a model states no context length
 
-_EMPTY = object()
+
+
+class EngineFailure(RuntimeError):
+    """MLX failed while generating (not the client's fault): the server answers
+    500, in-band if the stream had started; the engine starts a fresh batch."""
 
 
 # ---------------------------------------------------------------------------
@@ -532,7 +536,8 @@ class _Scheduler:
                     break
                 if active or self.stopping:
                     return []
-                self._expire_idle()
+                if self._expired():
+                    break
                 self.cv.wait(timeout=self._next_expiry())
             admit = []
             while self.pending and (active < MAX_BATCH
@@ -559,11 +564,11 @@ class _Scheduler:
                  if m.keep_alive >= 0 and not m.jobs]
         return max(0.05, min(times)) if times else None
 
-    def _expire_idle(self):
+    def _expired(self):
+        """Ids of idle models past their keep-alive (or with keep_alive 0)."""
         now = time.time()
-        for mid, m in list(self.models.items()):
-            if not m.jobs and m.keep_alive >= 0 and now >= m.expires_at:
-                self._unload(mid)
+        return [mid for mid, m in self.models.items()
+                if not m.jobs and m.keep_alive >= 0 and now >= m.expires_at]
 
     def _unload(self, mid):
         with self.cv:
@@ -649,11 +654,10 @@ class _Scheduler:
             self.counters["cancelled_in_queue"] += 1
             return
         if job.kind == "unload":
-            with self.cv:
-                if job.info.id in self.models and not self.models[job.info.id].jobs:
-                    self._unload(job.info.id)
-                elif job.info.id in self.models:
-                    self.models[job.info.id].keep_alive = 0
+            m = self.models.get(job.info.id)
+            if m is not None:
+                self._touch(m, 0)          # unloaded now if idle, else when it is
+            self._reap()
             job.out.put(Chunk(done=True, finish_reason="unload"))
             return
         m = self._get_model(job)
@@ -668,7 +672,7 @@ class _Scheduler:
             self._insert(m, job)
         except Exception as e:  # a broken request must not take the thread down
             self.counters["engine_failures"] += 1
-            job.out.put(EngineError(f"generation failed: {type(e).__name__}"))
+            job.out.put(EngineFailure(f"generation failed: {type(e).__name__}"))
 
     def _touch(self, m, keep_alive):
         ka = DEFAULT_KEEP_ALIVE if keep_alive is None else float(keep_alive)
@@ -834,7 +838,7 @@ class _Scheduler:
         """The batch broke: fail its requests cleanly, start a fresh batch."""
         self.counters["engine_failures"] += 1
         for job in m.jobs.values():
-            job.out.put(EngineError(f"generation failed: {type(err).__name__}: "
+            job.out.put(EngineFailure(f"generation failed: {type(err).__name__}: "
                                     f"{_short(err)}"))
         m.jobs.clear()
         try:
@@ -843,11 +847,12 @@ class _Scheduler:
             self._unload(m.info.id)
 
     def _reap(self):
-        """Unload models whose keep-alive says so once they are idle."""
+        """Unload idle models whose keep-alive has run out (0: at once). The lock
+        is not held while memory is freed, so /api/ps never waits on it."""
         with self.cv:
-            for mid, m in list(self.models.items()):
-                if not m.jobs and m.keep_alive == 0:
-                    self._unload(mid)
+            expired = self._expired()
+        for mid in expired:
+            self._unload(mid)
 
 
 def _find_stop(text, stops):
