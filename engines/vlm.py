@@ -174,6 +174,7 @@ class _Resident:
         self.keep_alive = DEFAULT_KEEP_ALIVE
         self.expires_at = time.time() + DEFAULT_KEEP_ALIVE
         self.busy = False
+        self.setup_info = {}
 
 
 _WORKER = None
@@ -213,7 +214,7 @@ class _Worker:
             return [(m.info, None if m.keep_alive < 0 else m.expires_at,
                      {"active": int(m.busy), "queued": len(self.pending),
                       "keep_alive": m.keep_alive, "load_seconds": round(m.load_seconds, 3),
-                      "engine": "mlx-vlm", **self.counters})
+                      "engine": "mlx-vlm", **self.counters, **m.setup_info})
                     for m in self.models.values()]
 
     # -- the thread ----------------------------------------------------------
@@ -273,12 +274,24 @@ class _Worker:
         _ensure()
         from mlx_vlm.utils import load as vlm_load
         t0 = time.perf_counter()
+        setup_info = {}
         try:
             model, processor = vlm_load(str(info.path))
+            # the project's dtype choice for this device (float32 on a CPU when it
+            # fits the memory budget), exactly as llm does for text models
+            ms = _llm._mlx_setup_module()
+            if ms is not None and hasattr(ms, "prepare"):
+                model = ms.prepare(model, info)
+                if hasattr(ms, "describe"):
+                    try:
+                        setup_info = dict(ms.describe(model) or {})
+                    except TypeError:
+                        setup_info = dict(ms.describe() or {})
         except Exception as e:
             raise Unavailable(f"model '{info.id}' failed to load: {type(e).__name__}: "
                               f"{_llm._short(e)}")
         m = _Resident(info, model, processor, time.perf_counter() - t0)
+        m.setup_info = setup_info
         with self.cv:
             self.models[info.id] = m
         return m
