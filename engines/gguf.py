@@ -9,12 +9,17 @@ turns a llama-architecture GGUF file into a directory that ``mlx_lm.load()`` loa
     tokenizer.json         built with `tokenizers` from the GGUF vocabulary and merges
     tokenizer_config.json  chat template, special tokens
 
-How (what we measured, DESIGN.md section 5):
-- ``mx.load(path)`` reads GGUF itself. Q4_0 / Q4_1 / Q8_0 tensors arrive as MLX
-  affine-quantized triples (``X.weight`` uint32, ``X.scales``, ``X.biases``, group
-  size 32). Bits differ per tensor (SmolLM2's Q4_1 file has an 8-bit embedding), so
-  bits and group size are derived from the shapes and written per layer into
-  config.json's "quantization" block.
+How:
+- Tensors are decoded here, one at a time, from the offsets in the GGUF header
+  (numpy over the raw blocks, in ggml-quants.c's reference order). A ggml block of
+  32 values with one scale and one offset *is* an MLX affine group of 32, so Q4_0,
+  Q4_1, Q8_0 and the 32-value sub-blocks of Q4_K become MLX quantized triples
+  (``X.weight`` uint32, ``X.scales``, ``X.biases``) without any loss; Q5_K and Q6_K
+  are dequantized and re-quantized to MLX 8-bit; F32/F16/BF16 stay as they are.
+  Bits differ per tensor (SmolLM2's Q4_1 file has an 8-bit Q8_0 embedding), so they
+  go per layer into config.json's "quantization" block. (DESIGN.md measured
+  ``mx.load`` reading GGUF; we do not use it: it reads the whole file at once,
+  cannot read Q5_K, turns BF16 into float16 and decodes Q4_K wrongly.)
 - llama.cpp stores the q/k projections permuted for its rotary layout;
   ``rope_traditional: true`` in the mlx-lm config matches it without un-permuting.
 - Everything else (hyper-parameters, vocabulary, merges, special tokens, chat
@@ -45,8 +50,17 @@ MAX_GGUF_DIMS = 4              # ggml tensors have at most 4 dimensions
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}$")  # model ids: one safe path segment
 
 SUPPORTED_ARCHS = ("llama",)
-# ggml tensor types mx.load turns into MLX arrays we can keep (id -> label)
-GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+# ggml tensor types we import (id -> label). We decode them ourselves (_decode),
+# one tensor at a time, rather than with mx.load: mx.load's GGUF reader (gguflib)
+# reads the whole file at once, cannot read Q5_K, turns BF16 into float16 (which
+# can overflow) and applies each even Q4_K sub-block's scale to the odd one too.
+GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K",
+              13: "Q5_K", 14: "Q6_K", 30: "BF16"}
+# A Q4_K sub-block of 32 is exactly an MLX 4-bit group of 32 (scale d*sc, bias
+# -dmin*m): kept losslessly. Q5_K and Q6_K (Q6_K has 16-value sub-blocks) are
+# re-quantized to MLX 8-bit groups of 32, a quarter of their own step at most.
+REQUANT_BITS = 8
+REQUANT_GROUP = 32
 GGML_TYPE_NAMES = {
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
     9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K",
@@ -119,10 +133,11 @@ class _Reader:
         raise BadInput(f"not a valid GGUF file (unknown value type {vtype})")
 
 
-def read_header(path):
+def read_header(path, offsets=False):
     """Read a GGUF file's metadata and tensor table without loading tensors.
 
-    Returns (metadata: dict, tensors: dict name -> (dims numpy-order, ggml type id)).
+    Returns (metadata: dict, tensors: dict name -> (dims numpy-order, ggml type id)),
+    plus {name: absolute file offset of its data} when `offsets` is true.
     Raises BadInput if the file is not GGUF (or a GGUF version we do not read).
     """
     with open(path, "rb") as f:
@@ -139,7 +154,7 @@ def read_header(path):
         for _ in range(n_kv):
             key = r.string()
             md[key] = r.value(r.unpack("I"))
-        tensors = {}
+        tensors, where = {}, {}
         for _ in range(n_tensors):
             name = r.string()
             nd = r.unpack("I")
@@ -147,8 +162,14 @@ def read_header(path):
                 raise BadInput("not a valid GGUF file (too many dimensions)")
             dims = [r.unpack("Q") for _ in range(nd)]
             ttype = r.unpack("I")
-            r.unpack("Q")  # offset
+            where[name] = r.unpack("Q")
             tensors[name] = (tuple(reversed(dims)), ttype)
+        align = md.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0:
+            raise BadInput("not a valid GGUF file (bad alignment)")
+        start = -(-f.tell() // align) * align
+    if offsets:
+        return md, tensors, {k: start + v for k, v in where.items()}
     return md, tensors
 
 
@@ -350,37 +371,120 @@ def _build_tokenizer(md):
     return tk, tcfg
 
 
+BLOCK_BYTES = {2: 18, 3: 20, 8: 34, 12: 144, 13: 176, 14: 210}   # bytes per block
+BLOCK_VALUES = {2: 32, 3: 32, 8: 32, 12: 256, 13: 256, 14: 256}  # values per block
+
+
+def _k_scales(p):
+    """The 8 six-bit sub-block scales and mins of Q4_K/Q5_K (ggml get_scale_min_k4)."""
+    import numpy as np
+    sc = np.concatenate([p[:, 0:4] & 63, (p[:, 8:12] & 15) | ((p[:, 0:4] >> 6) << 4)], axis=1)
+    mn = np.concatenate([p[:, 4:8] & 63, (p[:, 8:12] >> 4) | ((p[:, 4:8] >> 6) << 4)], axis=1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _read(src, offset, dtype, count):
+    import numpy as np
+    a = np.fromfile(src, dtype=dtype, count=count, offset=offset)
+    if a.size != count:
+        raise BadInput("GGUF file is truncated")
+    return a
+
+
+def _decode(src, offset, dims, ttype):
+    """One tensor, decoded in ggml-quants.c's reference order.
+
+    Returns ("float", float32/float16 array) or ("affine", codes uint8 [rows, n],
+    scales [rows, n/32], biases [rows, n/32], bits): ggml blocks of 32 values
+    (Q4_0, Q4_1, Q8_0, and Q4_K's sub-blocks) are exactly MLX affine groups of 32."""
+    import numpy as np
+    n = 1
+    for d in dims:
+        n *= d
+    if ttype == 0:
+        return "float", _read(src, offset, "<f4", n).reshape(dims)
+    if ttype == 1:
+        return "float", _read(src, offset, "<f2", n).reshape(dims)
+    if ttype == 30:
+        raw = _read(src, offset, "<u2", n)
+        return "float", (raw.astype(np.uint32) << 16).view(np.float32).reshape(dims)
+    per = BLOCK_VALUES[ttype]
+    if n % per or len(dims) != 2 or dims[-1] % per:
+        raise BadInput(f"GGUF tensor of shape {dims} is not whole {per}-value blocks")
+    nb = n // per
+    b = _read(src, offset, np.uint8, nb * BLOCK_BYTES[ttype]).reshape(nb, BLOCK_BYTES[ttype])
+    f16 = lambda a: a.copy().view(np.float16).astype(np.float32)   # noqa: E731
+    rows = dims[0]
+    if ttype in (2, 3):                               # Q4_0: (q-8)*d; Q4_1: q*d + m
+        d = f16(b[:, 0:2])
+        qs = b[:, 4:20] if ttype == 3 else b[:, 2:18]
+        codes = np.concatenate([qs & 15, qs >> 4], axis=1)
+        bias = f16(b[:, 2:4]) if ttype == 3 else -8 * d
+        return "affine", codes.reshape(dims), d.reshape(rows, -1), bias.reshape(rows, -1), 4
+    if ttype == 8:                                    # Q8_0: q*d, q int8 -> (q+128)*d - 128d
+        d = f16(b[:, 0:2])
+        codes = (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        return "affine", codes.reshape(dims), d.reshape(rows, -1), (-128 * d).reshape(rows, -1), 8
+    if ttype == 14:                                   # Q6_K: ql, qh, int8 scales, d
+        ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208].view(np.int8), f16(b[:, 208:210])
+        halves = []
+        for h in range(2):
+            lo, hi = ql[:, 64 * h:64 * h + 64], qh[:, 32 * h:32 * h + 32]
+            q = np.concatenate([(lo[:, :32] & 15) | ((hi & 3) << 4),
+                                (lo[:, 32:] & 15) | (((hi >> 2) & 3) << 4),
+                                (lo[:, :32] >> 4) | (((hi >> 4) & 3) << 4),
+                                (lo[:, 32:] >> 4) | (((hi >> 6) & 3) << 4)], axis=1)
+            q = q.astype(np.float32).reshape(nb, 8, 16) - 32
+            halves.append(q * sc[:, 8 * h:8 * h + 8, None].astype(np.float32))
+        return "float", (np.concatenate(halves, axis=1).reshape(nb, 256) * d).reshape(dims)
+    d, dmin = f16(b[:, 0:2]), f16(b[:, 2:4])
+    sc, mn = _k_scales(b[:, 4:16])
+    scale, bias = d * sc, -dmin * mn                  # [nb, 8] per 32-value sub-block
+    if ttype == 12:                                   # Q4_K: nibbles, low half first
+        qs = b[:, 16:144].reshape(nb, 4, 32)
+        codes = np.stack([qs & 15, qs >> 4], axis=2).reshape(dims)
+        return "affine", codes, scale.reshape(rows, -1), bias.reshape(rows, -1), 4
+    qh, qs = b[:, 16:48], b[:, 48:176].reshape(nb, 4, 32)   # Q5_K: + one high bit
+    q = np.stack([qs & 15, qs >> 4], axis=2).reshape(nb, 8, 32).astype(np.int32)
+    q += ((qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1).astype(np.int32) << 4
+    return "float", (q * scale[:, :, None] + bias[:, :, None]).astype(np.float32).reshape(dims)
+
+
+def _pack(codes, bits):
+    """uint8 codes [rows, n] -> MLX packing: uint32 [rows, n*bits/32], first value lowest."""
+    import numpy as np
+    per = 32 // bits
+    q = codes.astype(np.uint32).reshape(codes.shape[0], -1, per)
+    return (q << (bits * np.arange(per, dtype=np.uint32))).sum(axis=2, dtype=np.uint32)
+
+
 def _convert_weights(src, tensors, progress):
-    """mx.load the GGUF, rename to mlx-lm paths, derive per-layer quantization."""
+    """Read every tensor, rename to mlx-lm paths, derive per-layer quantization."""
     import mlx.core as mx
 
-    try:
-        raw = mx.load(str(src))
-    except (ValueError, RuntimeError, OSError) as e:
-        raise BadInput(f"could not read the GGUF tensors ({type(e).__name__})") from None
+    offsets = read_header(src, offsets=True)[2]
     out, per_layer = {}, {}
     names = sorted(tensors)
     for i, tname in enumerate(names):
-        base = tname[:-len(".weight")]
-        path = _mlx_name(base)
-        dims, _ttype = tensors[tname]
-        w = raw.pop(tname, None)
-        if w is None:
-            raise BadInput(f"GGUF tensor '{tname}' could not be read")
-        out[f"{path}.weight"] = w
-        if f"{base}.scales" in raw:
-            scales, biases = raw.pop(f"{base}.scales"), raw.pop(f"{base}.biases")
-            in_features = dims[-1]
-            group_size = in_features // scales.shape[-1]
-            bits = w.shape[-1] * 32 // in_features
-            if group_size * scales.shape[-1] != in_features or bits * in_features != w.shape[-1] * 32:
-                raise BadInput(f"GGUF tensor '{tname}' has inconsistent shapes")
-            out[f"{path}.scales"], out[f"{path}.biases"] = scales, biases
-            per_layer[path] = {"group_size": int(group_size), "bits": int(bits)}
+        path = _mlx_name(tname[:-len(".weight")])
+        dims, ttype = tensors[tname]
+        kind, *rest = _decode(src, offsets[tname], dims, ttype)
+        if kind == "affine":
+            codes, scales, biases, bits = rest
+            out[f"{path}.weight"] = mx.array(_pack(codes, bits))
+            out[f"{path}.scales"] = mx.array(scales).astype(mx.float16)
+            out[f"{path}.biases"] = mx.array(biases).astype(mx.float16)
+            per_layer[path] = {"group_size": 32, "bits": bits}
+        elif ttype in (13, 14):                       # Q5_K / Q6_K: re-quantize
+            w, scales, biases = mx.quantize(mx.array(rest[0]), group_size=REQUANT_GROUP,
+                                            bits=REQUANT_BITS)
+            out[f"{path}.weight"], out[f"{path}.scales"], out[f"{path}.biases"] = w, scales, biases
+            per_layer[path] = {"group_size": REQUANT_GROUP, "bits": REQUANT_BITS}
+        else:
+            w = mx.array(rest[0])
+            out[f"{path}.weight"] = w.astype(mx.bfloat16) if ttype == 30 else w
         if progress:
             progress(0.1 + 0.6 * (i + 1) / len(names), "converting tensors")
-    if raw:
-        raise BadInput(f"GGUF has unexpected tensor '{next(iter(raw))}'")
     quant = None
     if per_layer:
         # default = the most common setting; layers that differ are listed by path

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # --- a minimal GGUF v3 writer (test side; independent of the importer) ------------
-F32, F16, Q4_0, Q4_1, Q8_0, Q4_K = 0, 1, 2, 3, 8, 12
+F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 8, 12, 13, 14, 30
 
 
 def _s(text):
@@ -48,12 +48,126 @@ def _blocks(a):
     return a.astype(np.float32).reshape(-1, 32)
 
 
+def _q4k_block(x):
+    """One Q4_K super-block (256 values, 144 bytes): d, dmin, 12 bytes of 6-bit
+    sub-block scales/mins, 128 bytes of nibbles (ggml-quants.c block_q4_K)."""
+    sub = x.reshape(8, 32)
+    lo = np.minimum(sub.min(1), 0)
+    scale, minabs = (sub.max(1) - lo) / 15, -lo
+    d, dmin = np.float16(scale.max() / 63), np.float16(minabs.max() / 63)
+    sc = np.clip(np.round(scale / np.float32(d)), 1, 63).astype(np.uint8)
+    mn = np.clip(np.round(minabs / np.float32(dmin)), 0, 63).astype(np.uint8) if dmin else np.zeros(8, np.uint8)
+    q = np.clip(np.round((sub + np.float32(dmin) * mn[:, None]) / (np.float32(d) * sc[:, None])), 0, 15)
+    q = q.astype(np.uint8)
+    packed = np.zeros(12, np.uint8)
+    packed[0:4] = sc[0:4] | ((sc[4:8] >> 4) << 6)
+    packed[4:8] = mn[0:4] | ((mn[4:8] >> 4) << 6)
+    packed[8:12] = (sc[4:8] & 15) | ((mn[4:8] & 15) << 4)
+    qs = np.concatenate([q[2 * c] | (q[2 * c + 1] << 4) for c in range(4)]).astype(np.uint8)
+    return d.tobytes() + dmin.tobytes() + packed.tobytes() + qs.tobytes()
+
+
+def _q4k_decode(blk):
+    d, dmin = blk[0:2].view(np.float16).astype(np.float32)[0], blk[2:4].view(np.float16).astype(np.float32)[0]
+    p, qs = blk[4:16], blk[16:144]
+    sc = np.concatenate([p[0:4] & 63, (p[8:12] & 15) | ((p[0:4] >> 6) << 4)]).astype(np.float32)
+    mn = np.concatenate([p[4:8] & 63, (p[8:12] >> 4) | ((p[4:8] >> 6) << 4)]).astype(np.float32)
+    out = []
+    for c in range(4):
+        chunk = qs[32 * c:32 * c + 32]
+        out.append(d * sc[2 * c] * (chunk & 15) - dmin * mn[2 * c])
+        out.append(d * sc[2 * c + 1] * (chunk >> 4) - dmin * mn[2 * c + 1])
+    return np.concatenate(out).astype(np.float32)
+
+
+def _q5k_block(x):
+    """One Q5_K super-block (176 bytes): d, dmin, 12 bytes of scales/mins, 32 bytes
+    of high bits, 128 bytes of low nibbles (block_q5_K)."""
+    sub = x.reshape(8, 32)
+    lo = np.minimum(sub.min(1), 0)
+    scale, minabs = (sub.max(1) - lo) / 31, -lo
+    d, dmin = np.float16(scale.max() / 63), np.float16(minabs.max() / 63)
+    sc = np.clip(np.round(scale / np.float32(d)), 1, 63).astype(np.uint8)
+    mn = np.clip(np.round(minabs / np.float32(dmin)), 0, 63).astype(np.uint8) if dmin else np.zeros(8, np.uint8)
+    q = np.clip(np.round((sub + np.float32(dmin) * mn[:, None]) / (np.float32(d) * sc[:, None])), 0, 31)
+    q = q.astype(np.uint8)
+    packed = np.zeros(12, np.uint8)
+    packed[0:4] = sc[0:4] | ((sc[4:8] >> 4) << 6)
+    packed[4:8] = mn[0:4] | ((mn[4:8] >> 4) << 6)
+    packed[8:12] = (sc[4:8] & 15) | ((mn[4:8] & 15) << 4)
+    qh = np.zeros(32, np.uint8)
+    for sb in range(8):
+        qh |= ((q[sb] >> 4) & 1) << sb
+    qs = np.concatenate([(q[2 * c] & 15) | ((q[2 * c + 1] & 15) << 4) for c in range(4)]).astype(np.uint8)
+    return d.tobytes() + dmin.tobytes() + packed.tobytes() + qh.tobytes() + qs.tobytes()
+
+
+def _q5k_decode(blk):
+    d, dmin = blk[0:2].view(np.float16).astype(np.float32)[0], blk[2:4].view(np.float16).astype(np.float32)[0]
+    p, qh, qs = blk[4:16], blk[16:48], blk[48:176]
+    y = []
+    for j in range(4):                       # dequantize_row_q5_K, literally
+        for half in range(2):
+            sb = 2 * j + half
+            if sb < 4:
+                sc, m = p[sb] & 63, p[sb + 4] & 63
+            else:
+                sc = (p[sb + 4] & 0xF) | ((p[sb - 4] >> 6) << 4)
+                m = (p[sb + 4] >> 4) | ((p[sb] >> 6) << 4)
+            for l in range(32):
+                ql = qs[32 * j + l]
+                q = (ql & 0xF if half == 0 else ql >> 4) + (16 if qh[l] & (1 << sb) else 0)
+                y.append(d * sc * q - dmin * m)
+    return np.array(y, np.float32)
+
+
+def _q6k_block(x):
+    """One Q6_K super-block (210 bytes): 128 bytes low nibbles, 64 bytes high
+    2-bit pairs, 16 int8 scales, d (block_q6_K)."""
+    groups = x.reshape(16, 16)
+    scale = np.abs(groups).max(1) / 32
+    d = np.float16(scale.max() / 127)
+    sc = np.clip(np.round(scale / np.float32(d)), 1, 127).astype(np.int8)
+    q = (np.clip(np.round(groups / (np.float32(d) * sc[:, None])), -32, 31) + 32).astype(np.uint8).reshape(256)
+    ql, qh = np.zeros(128, np.uint8), np.zeros(64, np.uint8)
+    for h in range(2):
+        Q = q[128 * h:128 * h + 128].reshape(4, 32)
+        ql[64 * h:64 * h + 32] = (Q[0] & 15) | ((Q[2] & 15) << 4)
+        ql[64 * h + 32:64 * h + 64] = (Q[1] & 15) | ((Q[3] & 15) << 4)
+        qh[32 * h:32 * h + 32] = (Q[0] >> 4) | ((Q[1] >> 4) << 2) | ((Q[2] >> 4) << 4) | ((Q[3] >> 4) << 6)
+    return ql.tobytes() + qh.tobytes() + sc.tobytes() + d.tobytes()
+
+
+def _q6k_decode(blk):
+    ql, qh, sc = blk[:128], blk[128:192], blk[192:208].view(np.int8)
+    d = blk[208:210].view(np.float16).astype(np.float32)[0]
+    y = np.zeros(256, np.float32)
+    for n in range(2):                        # dequantize_row_q6_K, literally
+        for l in range(32):
+            i = l // 16
+            L, H, S = ql[64 * n:], qh[32 * n:], sc[8 * n:]
+            q1 = int((L[l] & 0xF) | (((H[l] >> 0) & 3) << 4)) - 32
+            q2 = int((L[l + 32] & 0xF) | (((H[l] >> 2) & 3) << 4)) - 32
+            q3 = int((L[l] >> 4) | (((H[l] >> 4) & 3) << 4)) - 32
+            q4 = int((L[l + 32] >> 4) | (((H[l] >> 6) & 3) << 4)) - 32
+            y[128 * n + l] = d * S[i] * q1
+            y[128 * n + l + 32] = d * S[i + 2] * q2
+            y[128 * n + l + 64] = d * S[i + 4] * q3
+            y[128 * n + l + 96] = d * S[i + 6] * q4
+    return y
+
+
 def encode(a, ttype):
     """ggml's block encodings (ggml-quants.c reference rows)."""
     if ttype == F32:
         return a.astype("<f4").tobytes()
     if ttype == F16:
         return a.astype("<f2").tobytes()
+    if ttype in (Q4_K, Q5_K, Q6_K):
+        block = {Q4_K: _q4k_block, Q5_K: _q5k_block, Q6_K: _q6k_block}[ttype]
+        return b"".join(block(x) for x in a.astype(np.float32).reshape(-1, 256))
+    if ttype == BF16:
+        return (a.astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()
     out = bytearray()
     for blk in _blocks(a):
         if ttype == Q8_0:
@@ -81,6 +195,11 @@ def decode(a, ttype):
     if ttype == F16:
         return a.astype(np.float16).astype(np.float32)
     raw = np.frombuffer(encode(a, ttype), np.uint8)
+    if ttype in (Q4_K, Q5_K, Q6_K):
+        size, dec = {Q4_K: (144, _q4k_decode), Q5_K: (176, _q5k_decode), Q6_K: (210, _q6k_decode)}[ttype]
+        return np.concatenate([dec(b) for b in raw.reshape(-1, size)]).reshape(a.shape)
+    if ttype == BF16:
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(a.shape)
     rows = []
     size = {Q8_0: 34, Q4_0: 18, Q4_1: 20}[ttype]
     for blk in raw.reshape(-1, size):
@@ -128,12 +247,14 @@ def byte_vocab():
 
 
 TINY = dict(hidden=64, layers=2, ffn=128, heads=4, kv_heads=2, ctx=512)
+TINY_K = dict(TINY, hidden=256, ffn=512)       # K-quant super-blocks span 256 values
 
 
 def tiny_llama_gguf(path, ttype, arch="llama", seed=0):
     """A random tiny llama written as GGUF (q/k permuted the way llama.cpp's converter
     does) and the reference mlx-lm model (HF layout, non-traditional RoPE) holding
     exactly the weights the GGUF encodes."""
+    dims = TINY_K if ttype in (Q4_K, Q5_K, Q6_K) else TINY
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
@@ -145,12 +266,12 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0):
     vocab = len(tokens) + 5          # rows nobody uses; a vocab that is not a multiple of 32
     tokens += [f"<unused{i}>" for i in range(5)]
     types = [3, 3, 3] + [1] * (len(tokens) - 3)
-    args = llama.ModelArgs(model_type="llama", hidden_size=TINY["hidden"],
-                           num_hidden_layers=TINY["layers"], intermediate_size=TINY["ffn"],
-                           num_attention_heads=TINY["heads"], num_key_value_heads=TINY["kv_heads"],
+    args = llama.ModelArgs(model_type="llama", hidden_size=dims["hidden"],
+                           num_hidden_layers=dims["layers"], intermediate_size=dims["ffn"],
+                           num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"],
                            rms_norm_eps=1e-5, vocab_size=vocab, rope_theta=10000.0,
                            rope_traditional=False, tie_word_embeddings=False,
-                           max_position_embeddings=TINY["ctx"])
+                           max_position_embeddings=dims["ctx"])
     mx.random.seed(seed)
     ref = llama.Model(args)
     params = {k: np.array(v) for k, v in tree_flatten(ref.parameters())}
@@ -176,17 +297,18 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0):
         t = ttype if w.ndim == 2 else F32              # ggml keeps norms in F32
         new_params[k] = decode(w, t)                   # row-wise: commutes with the permutation
         if name.endswith("attn_q.weight"):
-            w = permute(w, TINY["heads"])
+            w = permute(w, dims["heads"])
         elif name.endswith("attn_k.weight"):
-            w = permute(w, TINY["kv_heads"])
+            w = permute(w, dims["kv_heads"])
         tensors.append((name, w, t))
     ref.load_weights([(k, mx.array(v)) for k, v in new_params.items()])
     md = {
         "general.architecture": arch, "general.name": "tiny", "general.license": "mit",
-        "general.file_type": {F32: 0, F16: 1, Q4_0: 2, Q4_1: 3, Q8_0: 7, Q4_K: 15}[ttype],
-        f"{arch}.context_length": TINY["ctx"], f"{arch}.embedding_length": TINY["hidden"],
-        f"{arch}.block_count": TINY["layers"], f"{arch}.feed_forward_length": TINY["ffn"],
-        f"{arch}.attention.head_count": TINY["heads"], f"{arch}.attention.head_count_kv": TINY["kv_heads"],
+        "general.file_type": {F32: 0, F16: 1, Q4_0: 2, Q4_1: 3, Q8_0: 7, Q4_K: 15, Q5_K: 17, Q6_K: 18,
+                              BF16: 32}[ttype],
+        f"{arch}.context_length": dims["ctx"], f"{arch}.embedding_length": dims["hidden"],
+        f"{arch}.block_count": dims["layers"], f"{arch}.feed_forward_length": dims["ffn"],
+        f"{arch}.attention.head_count": dims["heads"], f"{arch}.attention.head_count_kv": dims["kv_heads"],
         f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.rope.freq_base": 10000.0,
         f"{arch}.vocab_size": vocab,
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
@@ -273,9 +395,12 @@ def test_tokenizer_config_loads_through_transformers(smol):
 
 
 # --- tiny llamas in every supported tensor type -----------------------------------
-@pytest.mark.parametrize("ttype,tol", [(F32, 1e-4), (F16, 1e-3), (Q8_0, 2e-3), (Q4_0, 2e-3), (Q4_1, 2e-3)],
-                         ids=["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("ttype,tol", [(F32, 1e-4), (F16, 1e-3), (BF16, 1e-3), (Q8_0, 2e-3), (Q4_0, 2e-3),
+                                      (Q4_1, 2e-3), (Q4_K, 2e-3), (Q5_K, 2.5e-2), (Q6_K, 2.5e-2)],
+                         ids=["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_tiny_llama_logits_match_reference(tmp_path, ttype, tol):
+    """Exact types match to float rounding; Q5_K/Q6_K are re-quantized to MLX 8-bit,
+    so their logits carry that (small) extra error."""
     import mlx.core as mx
     import mlx_lm
     from engines.catalog import Catalog
@@ -288,7 +413,8 @@ def test_tiny_llama_logits_match_reference(tmp_path, ttype, tol):
     assert np.abs(got - want).max() <= tol * max(1.0, np.abs(want).max()), np.abs(got - want).max()
     assert tok.encode(" the", add_special_tokens=False) == [261]
     info = Catalog(tmp_path / "store", hf_cache=tmp_path / "no-hf").resolve("tiny")
-    assert info.quantization == {F32: "F32", F16: "F16", Q8_0: "Q8_0", Q4_0: "Q4_0", Q4_1: "Q4_1"}[ttype]
+    assert info.quantization == {F32: "F32", F16: "F16", BF16: "BF16", Q8_0: "Q8_0", Q4_0: "Q4_0",
+                                 Q4_1: "Q4_1", Q4_K: "Q4_K_M", Q5_K: "Q5_K_M", Q6_K: "Q6_K"}[ttype]
     assert info.parameter_count == sum(v.size for k, v in
                                        __import__("mlx.utils").utils.tree_flatten(ref.parameters()))
     assert info.license == "mit" and info.context_length == TINY["ctx"] and info.format == "gguf"
@@ -304,15 +430,15 @@ def test_unsupported_architecture_refused(tmp_path):
 
 def test_unsupported_tensor_type_refused(tmp_path):
     tiny_llama_gguf(tmp_path / "k.gguf", Q4_1)
-    # rewrite with one tensor typed Q4_K (ggml type 12): a K-quant we do not import
+    # rewrite with one tensor typed Q5_0 (ggml type 6): a type we do not import
     md, tensors = read_header(tmp_path / "k.gguf")
     data = bytearray((tmp_path / "k.gguf").read_bytes())
     needle = _s("blk.0.ffn_down.weight")
     at = data.index(needle) + len(needle) + 4 + 16
     assert struct.unpack_from("<I", data, at)[0] == Q4_1
-    struct.pack_into("<I", data, at, Q4_K)
+    struct.pack_into("<I", data, at, Q5_0)
     (tmp_path / "k.gguf").write_bytes(bytes(data))
-    with pytest.raises(engines.BadInput, match="unsupported GGUF tensor type Q4_K in 'blk.0.ffn_down.weight'"):
+    with pytest.raises(engines.BadInput, match="unsupported GGUF tensor type Q5_0 in 'blk.0.ffn_down.weight'"):
         import_gguf(tmp_path / "k.gguf", tmp_path / "store", name="k")
     assert leftovers(tmp_path / "store") == []
 
