@@ -119,6 +119,8 @@ def _has_magic(data):
 # ---------------------------------------------------------------------------
 def _b64(s):
     """Decoded bytes if ``s`` is valid standard base64 (whitespace ignored), else None."""
+    if len(s) > (MAX_IMAGE_BYTES + 2) // 3 * 4 + len(s) // 64 + 4:   # + line breaks
+        raise TooLarge("image is over the limit of %d bytes" % MAX_IMAGE_BYTES)
     t = _WS.sub("", s).encode("ascii", "replace")
     if not t or not _B64_RE.match(t):
         return None
@@ -145,7 +147,8 @@ def _data_url(s):
         if raw is None:
             raise BadInput("invalid base64 in image data URL", param="image_url")
         return raw
-    return unquote(payload).encode("latin-1", "replace")
+    from urllib.parse import unquote_to_bytes
+    return unquote_to_bytes(payload)
 
 
 def _looks_like_path(s):
