@@ -79,6 +79,12 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 PRE_TOKENIZERS = ("default", "gpt2", "smollm", "starcoder", "refact", "llama-bpe",
                   "llama3")
 
+ROPE_FREQS = "rope_freqs.weight"   # Llama 3.x RoPE scaling factors (see _llama3_rope)
+# (low_freq_factor, high_freq_factor, original context) tried against rope_freqs:
+# Meta's Llama 3.1/3.2/3.3 values first.
+LLAMA3_ROPE_CANDIDATES = [(1, 4, 8192)] + [(lo, hi, ctx) for ctx in (2048, 4096, 8192, 16384, 32768)
+                                            for lo in (1, 2) for hi in (2, 4, 8) if hi > lo]
+
 _TENSOR_MAP = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -223,6 +229,8 @@ def _check(md, tensors):
             raise BadInput(f"unsupported GGUF tensor type {label} in '{tname[:80]}' "
                            f"(supported: {', '.join(GGML_TYPES.values())})")
         base = tname[:-len(".weight")] if tname.endswith(".weight") else None
+        if tname == ROPE_FREQS:
+            continue
         if base is None or _mlx_name(base) is None:
             raise BadInput(f"unsupported GGUF tensor '{tname[:80]}' for a llama model")
     tok_model = md.get("tokenizer.ggml.model")
@@ -255,6 +263,33 @@ def quantization_label(md, tensors):
         return "F32"
     best = max(counts, key=counts.get)
     return GGML_TYPE_NAMES.get(best, f"type {best}")
+
+
+def _llama3_rope(src, md, arch, tensors):
+    """Llama 3.x GGUFs carry their RoPE scaling as a `rope_freqs` tensor (one factor
+    per rotary pair) rather than as parameters. mlx-lm wants the parameters, so we
+    find the ones that reproduce the tensor (llama.cpp's converter formula) and
+    refuse the file if none does."""
+    import numpy as np
+    dims, ttype = tensors[ROPE_FREQS]
+    factors = _decode(src, read_header(src, offsets=True)[2][ROPE_FREQS], dims, ttype)[1]
+    factors = np.asarray(factors, np.float64).reshape(-1)
+    head_dim = int(_get(md, arch, "rope.dimension_count", 0, required=False)) or \
+        int(_get(md, arch, "embedding_length")) // int(_get(md, arch, "attention.head_count"))
+    base = float(_get(md, arch, "rope.freq_base", 10000.0, required=False))
+    wavelen = 2 * np.pi * base ** (np.arange(0, head_dim, 2) / head_dim)
+    factor = float(factors.max())
+    if factors.shape != wavelen.shape:
+        raise BadInput("GGUF rope_freqs does not match the rotary dimensions")
+    for low, high, orig in LLAMA3_ROPE_CANDIDATES:
+        smooth = (orig / wavelen - low) / (high - low)
+        want = np.where(wavelen < orig / high, 1.0,
+                        np.where(wavelen > orig / low, factor,
+                                 1 / ((1 - smooth) / factor + smooth)))
+        if np.allclose(want, factors, rtol=1e-3):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
+                    "high_freq_factor": float(high), "original_max_position_embeddings": orig}
+    raise BadInput("unsupported GGUF rope_freqs (not a Llama 3 RoPE scaling we recognise)")
 
 
 def _build_config(md, arch, tensors, quant):
@@ -464,7 +499,7 @@ def _convert_weights(src, tensors, progress):
 
     offsets = read_header(src, offsets=True)[2]
     out, per_layer = {}, {}
-    names = sorted(tensors)
+    names = sorted(t for t in tensors if t != ROPE_FREQS)
     for i, tname in enumerate(names):
         path = _mlx_name(tname[:-len(".weight")])
         dims, ttype = tensors[tname]
@@ -531,6 +566,8 @@ def import_gguf(src, dest_dir, name=None, progress=None):
         step(0.1, "loading tensors")
         weights, quant = _convert_weights(src, tensors, progress)
         cfg = _build_config(md, arch, tensors, quant)
+        if ROPE_FREQS in tensors:
+            cfg["rope_scaling"] = _llama3_rope(src, md, arch, tensors)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         step(0.75, "writing weights")
         import mlx.core as mx

@@ -250,7 +250,30 @@ TINY = dict(hidden=64, layers=2, ffn=128, heads=4, kv_heads=2, ctx=512)
 TINY_K = dict(TINY, hidden=256, ffn=512)       # K-quant super-blocks span 256 values
 
 
-def tiny_llama_gguf(path, ttype, arch="llama", seed=0):
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+def llama_cpp_rope_factors(head_dim, base, sc):
+    """convert_hf_to_gguf.py LlamaModel.generate_extra_tensors, for Llama 3 scaling."""
+    import math
+    out = []
+    low_wl = sc["original_max_position_embeddings"] / sc["low_freq_factor"]
+    high_wl = sc["original_max_position_embeddings"] / sc["high_freq_factor"]
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < high_wl:
+            out.append(1.0)
+        elif wavelen > low_wl:
+            out.append(sc["factor"])
+        else:
+            smooth = (sc["original_max_position_embeddings"] / wavelen - sc["low_freq_factor"]) / \
+                (sc["high_freq_factor"] - sc["low_freq_factor"])
+            out.append(1 / ((1 - smooth) / sc["factor"] + smooth))
+    return np.array(out, np.float32)
+
+
+def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False):
     """A random tiny llama written as GGUF (q/k permuted the way llama.cpp's converter
     does) and the reference mlx-lm model (HF layout, non-traditional RoPE) holding
     exactly the weights the GGUF encodes."""
@@ -259,6 +282,7 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0):
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
+    theta = 500000.0 if llama3_rope else 10000.0
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     b2u = byte_vocab()
     tokens = specials + [b2u[b] for b in range(256)] + ["Ġt", "he", "Ġthe"]
@@ -269,9 +293,10 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0):
     args = llama.ModelArgs(model_type="llama", hidden_size=dims["hidden"],
                            num_hidden_layers=dims["layers"], intermediate_size=dims["ffn"],
                            num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"],
-                           rms_norm_eps=1e-5, vocab_size=vocab, rope_theta=10000.0,
+                           rms_norm_eps=1e-5, vocab_size=vocab, rope_theta=theta,
                            rope_traditional=False, tie_word_embeddings=False,
-                           max_position_embeddings=dims["ctx"])
+                           max_position_embeddings=dims["ctx"],
+                           rope_scaling=dict(LLAMA3_SCALING) if llama3_rope else None)
     mx.random.seed(seed)
     ref = llama.Model(args)
     params = {k: np.array(v) for k, v in tree_flatten(ref.parameters())}
@@ -301,6 +326,9 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0):
         elif name.endswith("attn_k.weight"):
             w = permute(w, dims["kv_heads"])
         tensors.append((name, w, t))
+    if llama3_rope:
+        head_dim = dims["hidden"] // dims["heads"]
+        tensors.append(("rope_freqs.weight", llama_cpp_rope_factors(head_dim, theta, LLAMA3_SCALING), F32))
     ref.load_weights([(k, mx.array(v)) for k, v in new_params.items()])
     md = {
         "general.architecture": arch, "general.name": "tiny", "general.license": "mit",
@@ -309,7 +337,7 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0):
         f"{arch}.context_length": dims["ctx"], f"{arch}.embedding_length": dims["hidden"],
         f"{arch}.block_count": dims["layers"], f"{arch}.feed_forward_length": dims["ffn"],
         f"{arch}.attention.head_count": dims["heads"], f"{arch}.attention.head_count_kv": dims["kv_heads"],
-        f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.rope.freq_base": 10000.0,
+        f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.rope.freq_base": theta,
         f"{arch}.vocab_size": vocab,
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
         "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
@@ -418,6 +446,38 @@ def test_tiny_llama_logits_match_reference(tmp_path, ttype, tol):
     assert info.parameter_count == sum(v.size for k, v in
                                        __import__("mlx.utils").utils.tree_flatten(ref.parameters()))
     assert info.license == "mit" and info.context_length == TINY["ctx"] and info.format == "gguf"
+
+
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
+    import mlx.core as mx
+    import mlx_lm
+    ref = tiny_llama_gguf(tmp_path / "l3.gguf", F16, llama3_rope=True)
+    path = import_gguf(tmp_path / "l3.gguf", tmp_path / "store", name="l3")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["rope_scaling"] == LLAMA3_SCALING and cfg["rope_theta"] == 500000.0
+    model, _ = mlx_lm.load(str(path))
+    ids = mx.array([[1, 40, 50, 60, 259, 261, 7, 2]])
+    got, want = np.array(model(ids).astype(mx.float32)), np.array(ref(ids).astype(mx.float32))
+    assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
+    # far positions, where the scaling matters: the same rotation as the reference
+    x = mx.random.normal((1, 4, 3, 16))
+    a = model.model.layers[0].self_attn.rope(x, offset=100_000)
+    half_split = x.reshape(1, 4, 3, 8, 2).swapaxes(-1, -2).reshape(1, 4, 3, 16)   # pairs (i, i+8)
+    b = ref.model.layers[0].self_attn.rope(half_split, offset=100_000)
+    b = b.reshape(1, 4, 3, 2, 8).swapaxes(-1, -2).reshape(1, 4, 3, 16)      # back to interleaved pairs
+    assert np.abs(np.array(a) - np.array(b)).max() < 1e-3
+
+
+def test_unrecognised_rope_freqs_refused(tmp_path):
+    tiny_llama_gguf(tmp_path / "r.gguf", F32, llama3_rope=True)
+    data = bytearray((tmp_path / "r.gguf").read_bytes())
+    factors = llama_cpp_rope_factors(16, 500000.0, LLAMA3_SCALING).tobytes()
+    at = data.rindex(factors)
+    data[at:at + 4] = np.float32(3.0).tobytes()          # not what any Llama 3 config gives
+    (tmp_path / "r.gguf").write_bytes(bytes(data))
+    with pytest.raises(engines.BadInput, match="rope_freqs"):
+        import_gguf(tmp_path / "r.gguf", tmp_path / "store", name="r")
+    assert leftovers(tmp_path / "store") == []
 
 
 # --- refusals: clear message, nothing left behind ---------------------------------
