@@ -230,6 +230,28 @@ def test_ollama_chat_message_images(srv):
     assert r.prompt_eval_count - plain.prompt_eval_count == TOKENS_32 + TOKENS_16
 
 
+def test_images_stay_in_their_turns(srv):
+    """Each image is placed in the message it came with: swapping the two images
+    between the first and the third message changes the answer, and the count
+    covers both."""
+    client = ollama.Client(host=srv.url)
+
+    def ask(first, second):
+        msgs = [{"role": "user", "content": "Look at this.", "images": first},
+                {"role": "assistant", "content": "I see it."},
+                {"role": "user", "content": "And this one?", "images": second}]
+        return client.chat(model=VLM, messages=msgs, options={"temperature": 0, "num_predict": 12})
+    a = ask([png(1)], [png(2)])
+    b = ask([png(2)], [png(1)])
+    none = ask([], [])
+    assert a.prompt_eval_count - none.prompt_eval_count == 2 * TOKENS_32
+    assert a.message.content != b.message.content
+    status, obj = post(srv, "/api/chat", {"model": VLM, "stream": False, "messages": [
+        {"role": "assistant", "content": "look", "images": [b64(png(1))]},
+        {"role": "user", "content": "hi"}]})
+    assert_400(status, obj, "user messages")
+
+
 def test_streaming_with_image(srv):
     client = oa(srv)
     kwargs = dict(model=VLM, temperature=0, max_tokens=10, messages=[{"role": "user", "content": [
