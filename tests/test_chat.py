@@ -93,6 +93,18 @@ def test_follow_up_turn_reuses_the_conversation_prefix(oai, tokenizer):
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
 
 
+def test_shared_system_prompt_is_reused_across_conversations(oai, tokenizer):
+    system = {"role": "system", "content": "You are a pirate of the seven seas; answer with arrs."}
+    sys_text = tokenizer.apply_chat_template([system], tokenize=False)
+    sys_len = len(tokenizer.encode(sys_text, add_special_tokens=False))
+    first = oai.chat.completions.create(model=MODEL, messages=[system, {"role": "user", "content": "Hello?"}],
+                                        temperature=0, max_tokens=2)
+    assert first.usage.prompt_tokens_details.cached_tokens < sys_len
+    other = oai.chat.completions.create(model=MODEL, messages=[system, {"role": "user", "content": "Name a fish."}],
+                                        temperature=0, max_tokens=2)
+    assert other.usage.prompt_tokens_details.cached_tokens >= sys_len
+
+
 def test_max_tokens_5_gives_length_and_5_tokens(oai):
     r = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}],
                                     temperature=0, max_tokens=5)
@@ -145,7 +157,6 @@ def test_seed_repeats_and_n2_gives_independent_samples(oai):
     assert [c.index for c in two.choices] == [0, 1]
     texts = [c.message.content for c in two.choices]
     assert texts[0] != texts[1]                 # samples, not copies
-    assert two.usage.completion_tokens == 32 or all(c.finish_reason for c in two.choices)
     # seeded n=2 is itself repeatable
     again = oai.chat.completions.create(n=2, seed=99, **ask)
     assert [c.message.content for c in again.choices] == texts
