@@ -12,10 +12,11 @@ sudo=""
 [ "$(id -u)" -ne 0 ] && sudo="sudo"
 
 # espeak-ng: the voice behind pyttsx3; ffmpeg: audio decoding and encoding;
-# libopenblas0-pthread: a fast BLAS that the MLX engine loads on Linux CPUs.
+# libopenblas0-pthread: a fast BLAS that the MLX engine loads on Linux CPUs;
+# gcc: compiles the small BLAS shim (engines/mlx_setup.py) that speeds up decoding.
 $sudo apt-get update -q
 $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    python3 python3-venv python3-pip espeak-ng ffmpeg libopenblas0-pthread
+    python3 python3-venv python3-pip espeak-ng ffmpeg libopenblas0-pthread gcc libc6-dev
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
