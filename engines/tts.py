@@ -57,12 +57,14 @@ aac (ADTS) and pcm stream as ffmpeg produces them. ffmpeg runs with an argument
 list (no shell), bit-exact flags and no metadata, so the same request gives the
 same bytes.
 """
+import atexit
 import json
 import os
 import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -83,6 +85,8 @@ ESPEAK_RATE_MIN = 80          # espeak clamps slower rates to this (measured: 40
 ESPEAK_RATE_MAX = 450         # espeak's documented maximum (espeakRATE_MAXIMUM)
 ATEMPO_MIN, ATEMPO_MAX = 0.5, 2.0   # one atempo stage stays in this range (quality; ffmpeg
                                     # accepts 0.5..100, chained stages multiply)
+TEMPO_TOLERANCE = 0.005       # closer to 1 than this: no atempo (0.5% of duration is less than
+                              # espeak's own 1-wpm rate step at 80..200 wpm)
 OUTPUT_RATE_HZ = 24000        # OpenAI's output rate; clients that play raw pcm assume it
 ESPEAK_CALLBACK_MS = 100      # audio per espeak callback: the streaming granularity
 MAX_JOBS = 2                  # requests synthesising/encoding at once (2-core machines)
@@ -135,7 +139,7 @@ class Format:
     content_type: str
     muxer: str           # ffmpeg -f
     codec: tuple         # ffmpeg codec arguments
-    needs_seek: bool     # the container header holds the length: encode to a file first
+    needs_seek: bool     # the container header holds the length: ffmpeg encodes to a file
 
 
 FORMATS = {
@@ -144,7 +148,7 @@ FORMATS = {
     "opus": Format("audio/ogg; codecs=opus", "ogg", ("-c:a", "libopus", "-b:a", "32k"), False),
     "aac": Format("audio/aac", "adts", ("-c:a", "aac", "-b:a", "64k"), False),
     "flac": Format("audio/flac", "flac", ("-c:a", "flac"), True),
-    "wav": Format("audio/wav", "wav", ("-c:a", "pcm_s16le"), True),
+    "wav": Format("audio/wav", "s16le", ("-c:a", "pcm_s16le"), False),   # header added here
     "pcm": Format("audio/pcm", "s16le", ("-c:a", "pcm_s16le"), False),
 }
 DEFAULT_FORMAT = "mp3"
@@ -309,7 +313,7 @@ def atempo_chain(tempo):
     while tempo < ATEMPO_MIN * (1 - 1e-9):
         stages.append(ATEMPO_MIN)
         tempo /= ATEMPO_MIN
-    if abs(tempo - 1.0) > 1e-6:
+    if abs(tempo - 1.0) > TEMPO_TOLERANCE:
         stages.append(tempo)
     return stages
 
@@ -522,6 +526,83 @@ def synthesize(req, cancel=None):
     return b"".join(stream(req, cancel=cancel))
 
 
+class _Encoder:
+    """One ffmpeg process and the file its diagnostics go to."""
+
+    def __init__(self, args):
+        self.errors = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stderr=self.errors,
+                                     stdout=subprocess.DEVNULL if args[-1] != "pipe:1" else subprocess.PIPE)
+
+    def error_text(self):
+        self.errors.seek(0)
+        return self.errors.read()[-500:].decode("utf-8", "replace")
+
+    def close(self):
+        proc = self.proc
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        self.errors.close()
+
+
+class _EncoderPool:
+    """Started ffmpeg processes waiting for input, one per streamed format in use.
+
+    Starting ffmpeg costs 80-150 ms here (it links about a hundred libraries),
+    several times espeak's synthesis of a sentence. A request at plain tempo takes
+    the waiting process, and a replacement starts in the background, off the
+    request's path. Formats are pooled only after their first use."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._idle = {}
+        self._closed = False
+
+    def take(self, args, poolable):
+        key = tuple(args)
+        encoder = None
+        if poolable:
+            with self._lock:
+                encoder = self._idle.pop(key, None)
+            if encoder is not None and encoder.proc.poll() is not None:
+                encoder.close()
+                encoder = None
+            threading.Thread(target=self._refill, args=(key,), name="tts-encoder", daemon=True).start()
+        return encoder or _Encoder(args)
+
+    def _refill(self, key):
+        try:
+            encoder = _Encoder(list(key))
+        except OSError:
+            return
+        with self._lock:
+            if not self._closed and key not in self._idle:
+                self._idle[key], encoder = encoder, None
+        if encoder is not None:
+            encoder.close()
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            idle, self._idle = list(self._idle.values()), {}
+        for encoder in idle:
+            encoder.close()
+
+
+_encoders = _EncoderPool()
+atexit.register(_encoders.close)
+
+
+def wav_header(data_bytes, rate=OUTPUT_RATE_HZ):
+    """The 44-byte RIFF header of a mono 16-bit PCM WAV holding data_bytes of samples."""
+    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + data_bytes, b"WAVE", b"fmt ", 16, 1, 1,
+                       rate, rate * 2, 2, 16, b"data", data_bytes)
+
+
 def _pipeline(req, cancel):
     job, tempo = plan(req)
     fmt = FORMATS[req.fmt]
@@ -529,27 +610,32 @@ def _pipeline(req, cancel):
     tmpdir = tempfile.mkdtemp(prefix="localai-tts-") if fmt.needs_seek else None
     output = os.path.join(tmpdir, "speech." + req.fmt) if tmpdir else "pipe:1"
     pcm_r, pcm_w = os.pipe()
-    proc = None
-    errors = tempfile.TemporaryFile()
+    encoder = None
     try:
         # Submit first: the helper reports espeak's sample rate when it starts.
         sample_rate = _synth.submit(job, pcm_w)
         os.close(pcm_w)
         pcm_w = None
-        proc = subprocess.Popen(ffmpeg_args(req.fmt, tempo, sample_rate, output),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE if not tmpdir else subprocess.DEVNULL,
-                                stderr=errors)
-        yield from _pump(pcm_r, proc, cancel, deadline)
+        args = ffmpeg_args(req.fmt, tempo, sample_rate, output)
+        encoder = _encoders.take(args, poolable=not tmpdir and not atempo_chain(tempo))
+        pieces = []                              # wav: the samples, until the length is known
+        for data in _pump(pcm_r, encoder.proc, cancel, deadline):
+            if req.fmt == "wav":
+                pieces.append(data)
+            else:
+                yield data
         if cancel is not None and cancel.is_set():
             return
         try:
-            code = proc.wait(max(0.1, deadline - time.monotonic()))
+            code = encoder.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             raise RuntimeError("ffmpeg did not finish within %g s" % JOB_TIMEOUT_S) from None
         if code != 0:
-            errors.seek(0)
-            raise RuntimeError("ffmpeg failed (exit %d): %s" % (code, errors.read()[-500:].decode("utf-8", "replace")))
-        if tmpdir:
+            raise RuntimeError("ffmpeg failed (exit %d): %s" % (code, encoder.error_text()))
+        if req.fmt == "wav":
+            yield wav_header(sum(map(len, pieces)))
+            yield from pieces
+        elif tmpdir:
             with open(output, "rb") as f:
                 while True:
                     data = f.read(READ_BYTES)
@@ -560,14 +646,8 @@ def _pipeline(req, cancel):
         for fd in (pcm_r, pcm_w):
             if fd is not None:
                 os.close(fd)
-        if proc is not None:
-            for pipe in (proc.stdin, proc.stdout):
-                if pipe is not None and not pipe.closed:
-                    pipe.close()
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        errors.close()
+        if encoder is not None:
+            encoder.close()
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
 

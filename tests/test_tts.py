@@ -335,7 +335,8 @@ def test_limits_are_inclusive(server):
 # ---------------------------------------------------------------------------
 # cancellation
 # ---------------------------------------------------------------------------
-def _children(pid, name):
+def _encoders_with(pid, marker):
+    """ffmpeg children of `pid` whose command line contains `marker`."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -343,11 +344,13 @@ def _children(pid, name):
         try:
             with open("/proc/%s/stat" % entry) as f:
                 stat = f.read()
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                cmdline = f.read().split(b"\0")
         except OSError:
             continue
         comm = stat[stat.index("(") + 1:stat.rindex(")")]
         ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        if ppid == pid and comm == name:
+        if ppid == pid and comm == "ffmpeg" and any(marker in arg for arg in cmdline):
             found.append(int(entry))
     return found
 
@@ -359,10 +362,40 @@ def test_client_that_leaves_stops_the_encoder(server):
     sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
     assert sock.recv(4096).startswith(b"HTTP/1.1 200")
-    assert _children(server.proc.pid, "ffmpeg"), "the encoder should be running mid-stream"
+    # This request's encoder is the one slowing speech down (idle pooled ones are not).
+    running = _encoders_with(server.proc.pid, b"atempo")
+    assert running, "the encoder should be running mid-stream"
     sock.close()
     deadline = time.monotonic() + 5
-    while _children(server.proc.pid, "ffmpeg") and time.monotonic() < deadline:
+    while _encoders_with(server.proc.pid, b"atempo") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _children(server.proc.pid, "ffmpeg"), "ffmpeg kept running after the client left"
+    assert not _encoders_with(server.proc.pid, b"atempo"), "ffmpeg kept running after the client left"
     assert speech(server, "Still here.", response_format="wav")[1][:4] == b"RIFF"
+
+
+def _children_of(pid):
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def test_helpers_end_with_the_server(start_server):
+    server = start_server()
+    assert speech(server, "Hello.", response_format="mp3")[1]
+    time.sleep(0.5)                                   # the pool's replacement encoder starts
+    helpers = _children_of(server.proc.pid)
+    assert len(helpers) >= 2, "expected the speech helper and a waiting encoder"
+    server.stop()
+    deadline = time.monotonic() + 5
+    while any(os.path.exists("/proc/%d" % pid) for pid in helpers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in helpers if os.path.exists("/proc/%d" % pid)]
+    assert not left, "helper processes outlived the server"
