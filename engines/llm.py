@@ -33,10 +33,20 @@ count is reported as ``cached_tokens``.
 
 Models are unloaded when idle past their keep-alive (Ollama semantics: default 5
 minutes, 0 = right after the request, negative = never). ``loaded()`` lists them
-for ``/api/ps``.
+for ``/api/ps``, with the engine's counters (requests, tokens_generated, cancelled,
+cancelled_in_queue, busy_rejections, load_failures, ...) in the info dict.
+
+Knobs (environment; defaults in the limits below):
+    LOCALAI_LLM_BATCH       sequences decoded together (8)
+    LOCALAI_LLM_QUEUE       requests that may wait for a batch slot (16); more -> Busy
+    LOCALAI_LLM_MAX_LOADED  language models resident at once (2)
+
+engines/vlm.py reuses _check_request, _make_sampler, _find_stop, _safe_prefix_len,
+_ensure_mlx, _short and the limits: keep those names.
 """
 import atexit
 import gc
+import logging
 import os
 import queue
 import random
@@ -47,6 +57,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import BadInput, Busy, EngineError, Unavailable
+
+log = logging.getLogger("localai.llm")
 
 
 @dataclass
@@ -503,13 +515,23 @@ class _Scheduler:
             self._fail_all_forever(e)
             return
         while not self.stopping:
-            admit = self._wait_for_work()
-            for job in admit:
-                self._admit(job)
-            busy = [m for m in self.models.values() if m.jobs]
-            for m in busy:
-                self._step(m)
-            self._reap()
+            admit = []
+            try:
+                admit = self._wait_for_work()
+                for job in admit:
+                    self._admit(job)
+                busy = [m for m in self.models.values() if m.jobs]
+                for m in busy:
+                    self._step(m)
+                self._reap()
+            except Exception as e:     # a bug here must not hang every client
+                log.exception("language engine step failed")
+                for m in list(self.models.values()):
+                    if m.jobs:
+                        self._engine_failed(m, e)
+                for job in admit:
+                    if job.uid is None:
+                        job.out.put(EngineFailure(f"generation failed: {type(e).__name__}"))
         stop = Unavailable("the server is shutting down")
         with self.cv:
             jobs = list(self.pending) + [j for m in self.models.values()
