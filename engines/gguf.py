@@ -234,15 +234,16 @@ def _check(md, tensors):
         if base is None or _mlx_name(base) is None:
             raise BadInput(f"unsupported GGUF tensor '{tname[:80]}' for a llama model")
     tok_model = md.get("tokenizer.ggml.model")
-    if tok_model != "gpt2":
-        raise BadInput(f"unsupported GGUF tokenizer {str(tok_model)[:50]!r} "
-                       "(supported: gpt2-style byte-level BPE)")
+    if tok_model not in ("gpt2", "llama"):
+        raise BadInput(f"unsupported GGUF tokenizer {str(tok_model)[:50]!r} (supported: "
+                       "gpt2 (byte-level BPE), llama (SentencePiece BPE))")
     pre = md.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
+    if tok_model == "gpt2" and pre not in PRE_TOKENIZERS:
         raise BadInput(f"unsupported GGUF pre-tokenizer {str(pre)[:50]!r} "
                        f"(supported: {', '.join(PRE_TOKENIZERS)})")
-    if "tokenizer.ggml.tokens" not in md or "tokenizer.ggml.merges" not in md:
-        raise BadInput("GGUF file has no vocabulary or merges")
+    needs = "tokenizer.ggml.merges" if tok_model == "gpt2" else "tokenizer.ggml.scores"
+    if "tokenizer.ggml.tokens" not in md or needs not in md:
+        raise BadInput(f"GGUF file has no vocabulary or {needs.rsplit('.', 1)[1]}")
     if _get(md, arch, "rope.scaling.type", "none", required=False) not in ("none", "linear"):
         raise BadInput("unsupported rope scaling "
                        f"{md.get(arch + '.rope.scaling.type')!r} (supported: linear)")
@@ -338,6 +339,37 @@ def _build_config(md, arch, tensors, quant):
     return cfg
 
 
+def _spm_tokenizer(md, tokens, vocab):
+    """A SentencePiece-BPE vocabulary (tokenizer.ggml.model "llama": Llama 2,
+    TinyLlama, Mistral) as a `tokenizers` BPE, the way transformers converts one:
+    merges come from the scores (a pair merges with the score of the piece it
+    makes), unknown bytes fall back to <0xXX> tokens, and, as llama.cpp does, a
+    space is prepended to each run of text (after every special token too)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = md["tokenizer.ggml.scores"]
+    if len(scores) != len(tokens):
+        raise BadInput("GGUF scores and tokens differ in length")
+    merges = []
+    for piece, score in zip(tokens, scores):
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: m[2], reverse=True)        # stable: ties keep id order
+    unk = md.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges],
+                              unk_token=unk, fuse_unk=True, byte_fallback=True))
+    space = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+    steps = [normalizers.Prepend("\u2581")] if space else []
+    tk.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    # exactly the decoder mlx-lm recognises as SentencePiece (streaming detokenizer)
+    dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if space else []))
+    return tk
+
+
 def _build_tokenizer(md):
     """tokenizer.json (a `tokenizers.Tokenizer`) + tokenizer_config dict."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
@@ -348,11 +380,16 @@ def _build_tokenizer(md):
     vocab = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
-    merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                              byte_fallback=False))
     pre = md.get("tokenizer.ggml.pre", "default")
-    if pre in ("llama-bpe", "llama3"):
+    if md.get("tokenizer.ggml.model") == "llama":
+        tk = _spm_tokenizer(md, tokens, vocab)
+    else:
+        merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                  byte_fallback=False))
+    if md.get("tokenizer.ggml.model") == "llama":
+        pass                             # normalizer and decoder set by _spm_tokenizer
+    elif pre in ("llama-bpe", "llama3"):
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -364,7 +401,8 @@ def _build_tokenizer(md):
     else:
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                     use_regex=True)
-    tk.decoder = decoders.ByteLevel()
+    if md.get("tokenizer.ggml.model") != "llama":
+        tk.decoder = decoders.ByteLevel()
     # CONTROL (3) and UNKNOWN (2) tokens are special; USER_DEFINED (4) are added text
     special = [AddedToken(tokens[i], special=True, normalized=False)
                for i, t in enumerate(types) if t in (2, 3)]

@@ -39,6 +39,8 @@ def _value(v):
         return struct.pack("<I", 8) + _s(v)
     if isinstance(v, list) and all(isinstance(x, str) for x in v):
         return struct.pack("<IIQ", 9, 8, len(v)) + b"".join(_s(x) for x in v)
+    if isinstance(v, list) and any(isinstance(x, float) for x in v):
+        return struct.pack("<IIQ", 9, 6, len(v)) + struct.pack(f"<{len(v)}f", *v)
     if isinstance(v, list):
         return struct.pack("<IIQ", 9, 5, len(v)) + struct.pack(f"<{len(v)}i", *v)
     raise TypeError(v)
@@ -273,7 +275,46 @@ def llama_cpp_rope_factors(head_dim, base, sc):
     return np.array(out, np.float32)
 
 
-def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False):
+# A small SentencePiece-BPE vocabulary (tokenizer.ggml.model "llama"): <unk>, <s>,
+# </s>, the 256 byte-fallback tokens, then pieces; scores are distinct (SentencePiece
+# merges the adjacent pair making the highest-scoring piece).
+SPM_PIECES = ["\u2581", "e", "h", "l", "o", "w", "r", "d", "t", "a", "ll", "\u2581h", "he", "\u2581he",
+              "llo", "\u2581hello", "or", "\u2581w", "\u2581wor", "ld", "\u2581world", "\u2581t",
+              "\u2581th", "th", "\u2581the", "\u2581a", "at", "\u2581\u2581"]
+
+
+def spm_vocab():
+    tokens = ["<unk>", "<s>", "</s>"] + ["<0x%02X>" % b for b in range(256)] + SPM_PIECES
+    types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES)
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) - 0.5 * (len(p) == 1) * 100
+                                               for i, p in enumerate(SPM_PIECES)]
+    return tokens, types, scores
+
+
+def spm_reference(text, tokens, scores, add_space_prefix=True):
+    """llama.cpp's llm_tokenizer_spm on one run of text: start from UTF-8 characters,
+    repeatedly merge the adjacent pair whose concatenation is the highest-scoring
+    piece (leftmost on ties), then map pieces to ids, unknown ones byte by byte."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    text = ((" " if add_space_prefix else "") + text).replace(" ", "\u2581")
+    sym = list(text)
+    while True:
+        best = None
+        for i in range(len(sym) - 1):
+            j = ids.get(sym[i] + sym[i + 1])
+            if j is not None and (best is None or scores[j] > best[0]):
+                best = (scores[j], i)
+        if best is None:
+            break
+        i = best[1]
+        sym[i:i + 2] = [sym[i] + sym[i + 1]]
+    out = []
+    for p in sym:
+        out += [ids[p]] if p in ids else [ids["<0x%02X>" % b] for b in p.encode("utf-8")]
+    return out
+
+
+def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False, spm=False):
     """A random tiny llama written as GGUF (q/k permuted the way llama.cpp's converter
     does) and the reference mlx-lm model (HF layout, non-traditional RoPE) holding
     exactly the weights the GGUF encodes."""
@@ -290,6 +331,9 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False):
     vocab = len(tokens) + 5          # rows nobody uses; a vocab that is not a multiple of 32
     tokens += [f"<unused{i}>" for i in range(5)]
     types = [3, 3, 3] + [1] * (len(tokens) - 3)
+    if spm:
+        tokens, types, scores = spm_vocab()
+        vocab = len(tokens)
     args = llama.ModelArgs(model_type="llama", hidden_size=dims["hidden"],
                            num_hidden_layers=dims["layers"], intermediate_size=dims["ffn"],
                            num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"],
@@ -346,6 +390,11 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False):
         "tokenizer.chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
                                    "{{ m['content'] }}<|im_end|>\n{% endfor %}",
     }
+    if spm:
+        del md["tokenizer.ggml.merges"], md["tokenizer.ggml.pre"]
+        md.update({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": scores,
+                   "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.unknown_token_id": 0,
+                   "tokenizer.ggml.token_type": types, "tokenizer.ggml.tokens": tokens})
     write_gguf(path, md, tensors)
     return ref
 
@@ -478,6 +527,32 @@ def test_unrecognised_rope_freqs_refused(tmp_path):
     with pytest.raises(engines.BadInput, match="rope_freqs"):
         import_gguf(tmp_path / "r.gguf", tmp_path / "store", name="r")
     assert leftovers(tmp_path / "store") == []
+
+
+def test_sentencepiece_tokenizer_matches_llama_cpp_algorithm(tmp_path):
+    from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
+    from mlx_lm.utils import load_tokenizer
+    from tokenizers import Tokenizer
+    tiny_llama_gguf(tmp_path / "spm.gguf", F16, spm=True)
+    path = import_gguf(tmp_path / "spm.gguf", tmp_path / "store", name="spm")
+    tokens, _, scores = spm_vocab()
+    tk = Tokenizer.from_file(str(path / "tokenizer.json"))
+    for text in ["hello world", "the hello", "hello  world", "héllo wörld", "at the\nworld", "a", "ħ€llo 🙂"]:
+        want = [1] + spm_reference(text, tokens, scores)            # add_bos_token: <s> first
+        assert tk.encode(text).ids == want, text
+        assert tk.decode(want, skip_special_tokens=True) == text
+    # after a special token the next run of text gets its space prefix again (llama.cpp)
+    want = [1] + spm_reference("hello", tokens, scores) + [2] + spm_reference("world", tokens, scores)
+    assert tk.encode("hello</s>world").ids == want
+    tok = load_tokenizer(path)
+    assert isinstance(tok.detokenizer, SPMStreamingDetokenizer)
+    assert tok.bos_token == "<s>" and tok.eos_token == "</s>"
+    detok = tok.detokenizer
+    detok.reset()
+    for i in tk.encode("hello world héllo").ids[1:]:
+        detok.add_token(i)
+    detok.finalize()
+    assert detok.text == "hello world héllo"
 
 
 # --- refusals: clear message, nothing left behind ---------------------------------
