@@ -50,12 +50,21 @@ espeak; the rest is an ffmpeg ``atempo`` factor, so 0.25..4 all change the durat
 in proportion.
 
 Formats: every format is 24 kHz mono (OpenAI's rate; ``pcm`` is raw s16le at
-24000 Hz, also stated in the X-Sample-Rate header). wav and flac carry their
-length in the header, which ffmpeg can only fill in on a seekable output, so they
-are encoded to a private temporary file and sent when complete; mp3, opus (Ogg),
-aac (ADTS) and pcm stream as ffmpeg produces them. ffmpeg runs with an argument
-list (no shell), bit-exact flags and no metadata, so the same request gives the
-same bytes.
+24000 Hz, also stated in the X-Sample-Rate header). mp3, opus (Ogg), aac (ADTS)
+and pcm stream as ffmpeg produces them. wav is ffmpeg's PCM behind a RIFF header
+written here once the length is known (so it is sent when complete); flac keeps
+its length and checksum in its header, which ffmpeg fills in only on a seekable
+output, so it is encoded to a private temporary file. ffmpeg runs with an
+argument list (no shell), bit-exact flags and no metadata, so the same request
+gives the same bytes. Starting ffmpeg costs 80-150 ms here, more than espeak needs
+for a sentence, so for each streamed format in use one ffmpeg is kept started and
+waiting for input (plain tempo only); a request takes it and a replacement starts
+in the background.
+
+Limits: MAX_JOBS requests synthesise and encode at once, MAX_WAITING more wait
+(then Busy); a whole request is bounded by JOB_TIMEOUT_S; a client that leaves
+(`cancel`) stops the pump within POLL_S, which kills ffmpeg and closes the pipe,
+and the synthesis child ends at its next write.
 """
 import atexit
 import json

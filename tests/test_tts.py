@@ -399,3 +399,51 @@ def test_helpers_end_with_the_server(start_server):
         time.sleep(0.05)
     left = [pid for pid in helpers if os.path.exists("/proc/%d" % pid)]
     assert not left, "helper processes outlived the server"
+
+
+# ---------------------------------------------------------------------------
+# admission (engine level: the queue is a few lines the server cannot show cheaply)
+# ---------------------------------------------------------------------------
+def _hold_all_slots():
+    held = 0
+    while tts._slots.acquire(blocking=False):
+        held += 1
+    return held
+
+
+def test_full_queue_is_busy_and_a_cancelled_waiter_never_runs(monkeypatch):
+    from engines import Busy
+    req = tts.check("Hello.", "alloy", 1.0, "pcm")
+    submitted = []
+    monkeypatch.setattr(tts._synth, "submit", lambda job, fd: submitted.append(job))
+    held = _hold_all_slots()
+    try:
+        monkeypatch.setattr(tts, "MAX_WAITING", 0)
+        with pytest.raises(Busy) as err:
+            next(tts.stream(req))
+        assert err.value.retry_after >= 1
+        monkeypatch.setattr(tts, "MAX_WAITING", 4)
+        cancel = threading.Event()
+        threading.Timer(0.3, cancel.set).start()
+        started = time.monotonic()
+        assert list(tts.stream(req, cancel=cancel)) == []
+        assert 0.25 < time.monotonic() - started < 2.0
+        assert submitted == [], "a request whose client left reached the engine"
+    finally:
+        for _ in range(held):
+            tts._slots.release()
+
+
+def test_speed_plan_uses_espeak_inside_its_range_and_atempo_outside():
+    assert tts.rate_and_tempo(1.0) == (175, 1.0)
+    assert tts.rate_and_tempo(2.0) == (350, 1.0)
+    rate, tempo = tts.rate_and_tempo(0.25)
+    assert rate == tts.ESPEAK_RATE_MIN and abs(rate * tempo - 43.75) < 1e-9
+    rate, tempo = tts.rate_and_tempo(4.0)
+    assert rate == tts.ESPEAK_RATE_MAX and abs(rate * tempo - 700) < 1e-9
+    assert tts.atempo_chain(1.0) == []
+    stages = tts.atempo_chain(0.1)
+    assert all(tts.ATEMPO_MIN <= s <= tts.ATEMPO_MAX for s in stages)
+    assert abs(math.prod(stages) - 0.1) < 1e-9
+    args = tts.ffmpeg_args("mp3", 1.5, 22050, "pipe:1")
+    assert args[0] == "ffmpeg" and "atempo=1.500000,aresample=24000" in args and "+bitexact" in args
