@@ -62,6 +62,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -164,6 +165,13 @@ ENGINE_STATUS = [(engines.BadInput, 400), (engines.NotFound, 404),
 
 TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                         b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# The same grammar as compiled patterns: the parser is on every request's path,
+# and one regex call per line is several times faster than a Python byte loop.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+TOKEN_RE = re.compile(_TOKEN)
+TARGET_BAD_RE = re.compile(rb"[^\x21-\x7e]")          # controls, space, DEL, non-ASCII
+FIELD_RE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)")  # RFC 9110 5.5
+DIGITS_RE = re.compile(r"[0-9]{1,15}")                   # Content-Length (ASCII digits only)
 
 
 class Request:
@@ -175,9 +183,9 @@ class Request:
         self.headers = {}
         for name, value in header_list:                      # repeated fields join (RFC 9110 5.3)
             self.headers[name] = self.headers[name] + ", " + value if name in self.headers else value
-        split = urlsplit(target)
-        self.path = split.path or "/"
-        self.query = parse_qs(split.query, keep_blank_values=True)
+        path, _, query = target.partition("?")   # origin-form only: "//x" is a path, not a host
+        self.path = path
+        self.query = parse_qs(query, keep_blank_values=True) if query else {}
         self.body = b""
         self.app = None
         self.gone = None              # asyncio.Event: the client has disconnected
@@ -198,6 +206,8 @@ class Request:
             raise HTTPError(400, "request body is not valid UTF-8")
         except ValueError as exc:
             raise HTTPError(400, "invalid JSON: %s" % exc)
+        except RecursionError:
+            raise HTTPError(400, "invalid JSON: nested too deeply")
         if not isinstance(value, dict):
             raise HTTPError(400, "request body must be a JSON object")
         return value
@@ -218,11 +228,12 @@ def parse_head(head):
     """Parse a request head (bytes, without the final CRLFCRLF) into a Request.
 
     Raises HTTPError(400/414/431/505, close=True) on anything malformed."""
-    if b"\r" in head.replace(b"\r\n", b""):
+    crlf = head.count(b"\r\n")
+    if head.count(b"\r") != crlf:
         raise HTTPError(400, "bare CR in request head", close=True)
-    lines = head.split(b"\r\n")
-    if any(b"\n" in line for line in lines):
+    if head.count(b"\n") != crlf:
         raise HTTPError(400, "bare LF in request head", close=True)
+    lines = head.split(b"\r\n")
     request_line = lines[0]
     if len(request_line) > MAX_REQUEST_LINE:
         raise HTTPError(414, "request line too long", close=True)
@@ -230,13 +241,13 @@ def parse_head(head):
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise HTTPError(400, "malformed request line", close=True)
     method, target, version = parts
-    if not set(method) <= TOKEN_CHARS:
+    if not TOKEN_RE.fullmatch(method):
         raise HTTPError(400, "malformed method", close=True)
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
         if version.startswith(b"HTTP/") and version[5:6].isdigit():
             raise HTTPError(505, "HTTP version not supported", close=True)
         raise HTTPError(400, "malformed HTTP version", close=True)
-    if any(c < 0x21 or c == 0x7F for c in target):
+    if TARGET_BAD_RE.search(target):
         raise HTTPError(400, "malformed request target", close=True)
     if not (target.startswith(b"/") or (method == b"OPTIONS" and target == b"*")):
         raise HTTPError(400, "request target must be an absolute path", close=True)
@@ -245,38 +256,44 @@ def parse_head(head):
     if len(head) - len(request_line) - 2 > MAX_HEADER_BYTES:
         raise HTTPError(431, "request header block too large", close=True)
     header_list = []
+    match = FIELD_RE.fullmatch
     for line in lines[1:]:
-        if line[:1] in (b" ", b"\t"):
-            raise HTTPError(400, "obsolete line folding is not allowed", close=True)
-        name, colon, value = line.partition(b":")
-        if not colon or not name or not set(name) <= TOKEN_CHARS:
+        m = match(line)
+        if m is None:
+            if line[:1] in (b" ", b"\t"):
+                raise HTTPError(400, "obsolete line folding is not allowed", close=True)
+            if FIELD_RE.match(line):
+                raise HTTPError(400, "invalid character in header value", close=True)
             raise HTTPError(400, "malformed header field", close=True)
-        value = value.strip(b" \t")
-        if any((c < 0x20 and c != 0x09) or c == 0x7F for c in value):
-            raise HTTPError(400, "invalid character in header value", close=True)
-        header_list.append((name.decode("ascii").lower(), value.decode("latin-1")))
+        header_list.append((m[1].decode("ascii").lower(), m[2].rstrip(b" \t").decode("latin-1")))
     req = Request(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), header_list)
-    hosts = [v for n, v in header_list if n == "host"]
-    if len(hosts) > 1 or (req.version == "HTTP/1.1" and not hosts):
-        raise HTTPError(400, "exactly one Host header is required", close=True)
+    host = req.headers.get("host")               # repeated fields were joined by ", "
+    if host is None:
+        if req.version == "HTTP/1.1":
+            raise HTTPError(400, "a Host header is required", close=True)
+    elif ", " in host and sum(name == "host" for name, _ in header_list) > 1:
+        raise HTTPError(400, "exactly one Host header is allowed", close=True)
     return req
 
 
 def body_framing(req):
-    """Return ("none", 0), ("length", n) or ("chunked", None); strict (RFC 9112 6)."""
-    lengths = [v for n, v in req.header_list if n == "content-length"]
-    codings = [v for n, v in req.header_list if n == "transfer-encoding"]
-    if lengths and codings:
+    """Return ("none", 0), ("length", n) or ("chunked", None); strict (RFC 9112 6).
+
+    Repeated fields arrive joined by ", " in req.headers, so a duplicate
+    Content-Length or a list of codings fails the checks below."""
+    length = req.headers.get("content-length")
+    coding = req.headers.get("transfer-encoding")
+    if length is None and coding is None:
+        return "none", 0
+    if length is not None and coding is not None:
         raise HTTPError(400, "Content-Length with Transfer-Encoding is not allowed", close=True)
-    if codings:
-        if req.version == "HTTP/1.0" or len(codings) > 1 or codings[0].strip().lower() != "chunked":
+    if coding is not None:
+        if req.version == "HTTP/1.0" or coding.lower() != "chunked":
             raise HTTPError(400, "only the chunked transfer coding is supported", close=True)
         return "chunked", None
-    if lengths:
-        if len(lengths) > 1 or not lengths[0].isdigit() or len(lengths[0]) > 15:
-            raise HTTPError(400, "invalid Content-Length", close=True)
-        return "length", int(lengths[0])
-    return "none", 0
+    if not DIGITS_RE.fullmatch(length):
+        raise HTTPError(400, "invalid Content-Length", close=True)
+    return "length", int(length)
 
 
 class Connection:
@@ -288,7 +305,8 @@ class Connection:
         self.eof = False
 
     async def _fill(self, timeout):
-        data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
+        async with asyncio.timeout(timeout):     # cheaper than wait_for: no extra task
+            data = await self.reader.read(READ_CHUNK)
         if not data:
             self.eof = True
         self.buf += data
@@ -298,19 +316,23 @@ class Connection:
         """The next request head, or None on a clean close between requests."""
         deadline = None
         while True:
+            while self.buf[:2] == b"\r\n":         # RFC 9112 2.2: ignore empty lines before a request
+                del self.buf[:2]
             end = self.buf.find(b"\r\n\r\n")
             if end >= 0:
                 head = bytes(self.buf[:end])
                 del self.buf[:end + 4]
                 return head
-            first_line_end = self.buf.find(b"\r\n")
-            if (first_line_end < 0 and len(self.buf) > MAX_REQUEST_LINE) or first_line_end > MAX_REQUEST_LINE:
+            line_end = self.buf.find(b"\r\n")
+            if line_end < 0:
+                if len(self.buf) > MAX_REQUEST_LINE + 1:            # + a CR whose LF is coming
+                    raise HTTPError(414, "request line too long", close=True)
+            elif line_end > MAX_REQUEST_LINE:
                 raise HTTPError(414, "request line too long", close=True)
-            if len(self.buf) > MAX_HEADER_BYTES + MAX_REQUEST_LINE:
+            elif len(self.buf) - line_end - 2 > MAX_HEADER_BYTES + 3:  # + a partial CRLFCRLF
                 raise HTTPError(431, "request header block too large", close=True)
-            if self.buf.startswith(b"\r\n"):       # RFC 9112 2.2: ignore a leading empty line
-                del self.buf[:2]
-                continue
+            if self.buf.count(b"\n") != self.buf.count(b"\r\n"):  # would never end: say so now
+                raise HTTPError(400, "bare LF in request head", close=True)
             if not self.buf:
                 timeout = KEEPALIVE_TIMEOUT
             else:
@@ -460,7 +482,11 @@ def head_bytes(status, headers):
 
 async def drain(writer):
     """Wait until the client takes our bytes; a client that stalls is dropped."""
-    await asyncio.wait_for(writer.drain(), SEND_STALL_TIMEOUT)
+    transport = writer.transport
+    if not transport.get_write_buffer_size() and not transport.is_closing():
+        return                                  # all bytes went straight to the socket
+    async with asyncio.timeout(SEND_STALL_TIMEOUT):
+        await writer.drain()
 
 
 # ============================================================================
@@ -659,7 +685,13 @@ def parse_multipart(body, content_type):
 # int in Python, so booleans are rejected explicitly wherever a number is wanted.
 
 def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number (not a bool; not an integer too big for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:                       # e.g. a 400-digit integer literal
+        return False
 
 
 def get_number(obj, key, default=None, lo=None, hi=None, param=None):
@@ -834,9 +866,12 @@ def loaded_models():
 async def h_api_ps(req):
     models = []
     for info, expires_at, extra in loaded_models():
-        entry = ollama_tag(info)
-        entry.update({"expires_at": iso_time(expires_at) if expires_at is not None else None,
-                      "size_vram": int((extra or {}).get("size_vram", 0)),
+        entry, extra = ollama_tag(info), extra or {}
+        # Ollama's ps size is the memory the loaded weights take (the engine may
+        # widen quantized weights for speed); size_vram is the part on a GPU.
+        size = extra.get("weights_bytes") if isinstance(extra.get("weights_bytes"), int) else info.size
+        entry.update({"size": size, "size_vram": size if extra.get("device") == "gpu" else 0,
+                      "expires_at": iso_time(expires_at) if expires_at is not None else None,
                       "context_length": info.context_length})
         models.append(entry)
     return json_response({"models": models})
@@ -1755,18 +1790,29 @@ def host_allowed(app, host_header):
     elif host.count(":") == 1:
         host = host.rsplit(":", 1)[0]
     host = host.rstrip(".")
+    return (_is_ip_literal(host) or host in app.allowed_hosts or "*" in app.allowed_hosts
+            or host.endswith(".localhost"))
+
+
+@functools.lru_cache(maxsize=256)           # on every request's path; ipaddress is slow
+def _is_ip_literal(host):
     try:
         ipaddress.ip_address(host)
         return True
     except ValueError:
-        pass
-    return host in app.allowed_hosts or "*" in app.allowed_hosts or host.endswith(".localhost")
+        return False
 
 
 def origin_allowed(app, origin):
+    """An entry scheme://host allows that origin on any port (a web UI on
+    localhost:3000 or :8080); scheme://host:port allows that port only."""
     if "*" in app.allowed_origins:
         return True
-    return origin.rstrip("/").lower() in app.allowed_origins
+    origin = origin.rstrip("/").lower()
+    if origin in app.allowed_origins:
+        return True
+    base, colon, port = origin.rpartition(":")
+    return bool(colon) and port.isdigit() and "//" in base and base in app.allowed_origins
 
 
 def cors_headers(req):
@@ -1780,7 +1826,7 @@ def preflight(req, route):
     allow = ", ".join(sorted(route.methods) + ["OPTIONS"])
     headers = [("Allow", allow)]
     if "origin" in req.headers and "access-control-request-method" in req.headers:
-        headers += cors_headers(req) + [
+        headers += [                                  # Allow-Origin comes with every response
             ("Access-Control-Allow-Methods", allow),
             ("Access-Control-Allow-Headers",
              req.headers.get("access-control-request-headers", "Authorization, Content-Type")),
@@ -1797,7 +1843,7 @@ def error_body(exc, openai_shape):
     if isinstance(exc, HTTPError):
         status, message, param, code = exc.status, exc.message, exc.param, exc.code
     elif isinstance(exc, engines.EngineError):
-        status = next(s for cls, s in ENGINE_STATUS if isinstance(exc, cls))
+        status = next((s for cls, s in ENGINE_STATUS if isinstance(exc, cls)), 500)
         message, param = exc.message, exc.param
     if not openai_shape:
         return {"error": message}
@@ -1810,7 +1856,7 @@ def error_response(exc, req):
     if isinstance(exc, HTTPError):
         status, headers = exc.status, list(exc.headers)
     elif isinstance(exc, engines.EngineError):
-        status = next(s for cls, s in ENGINE_STATUS if isinstance(exc, cls))
+        status = next((s for cls, s in ENGINE_STATUS if isinstance(exc, cls)), 500)
         headers = [("Retry-After", str(exc.retry_after))] if isinstance(exc, engines.Busy) else []
     else:
         status, headers = 500, []
@@ -1997,7 +2043,7 @@ async def handle_one(app, conn, req):
             try:
                 sent = await write_response(writer, req, resp, keep_alive, extra)
             finally:
-                watcher.cancel()
+                await _stop_watcher(watcher)
         else:
             sent = await write_response(writer, req, resp, keep_alive, extra)
     finally:
@@ -2007,26 +2053,39 @@ async def handle_one(app, conn, req):
 
 
 async def run_handler(conn, req, handler):
-    """Run a handler; a client that disconnects meanwhile cancels it."""
-    req.gone = asyncio.Event()
+    """Run a handler in this task; a client that disconnects meanwhile cancels it.
 
-    async def call():
+    The watcher that notices the disconnect starts only once the handler has to
+    wait (call_soon runs after its first suspension): a handler that answers at
+    once (status, version) costs no extra task, which is most of our speed."""
+    req.gone = asyncio.Event()
+    task = asyncio.current_task()
+    watcher = None
+
+    def start_watching():
+        nonlocal watcher
+        watcher = asyncio.ensure_future(watch_client(conn, req.gone, task))
+    pending = asyncio.get_running_loop().call_soon(start_watching)
+    try:
         resp = await handler(req)
         if isinstance(resp, StreamResponse):
             # Take the first piece before the status line goes out, so an error the
             # engine finds at once (bad model, prompt too long) is a real 4xx.
             resp.first = await anext(resp.chunks, None)
         return resp
-    task = asyncio.ensure_future(call())
-    watcher = asyncio.ensure_future(watch_client(conn, req.gone, task))
-    try:
-        return await task
     finally:
-        watcher.cancel()
-        try:
-            await watcher
-        except asyncio.CancelledError:
-            pass
+        pending.cancel()
+        if watcher is not None:
+            await _stop_watcher(watcher)
+
+
+async def _stop_watcher(watcher):
+    """Cancel a watcher and wait for it, so its pending read is gone before ours."""
+    watcher.cancel()
+    try:
+        await watcher
+    except asyncio.CancelledError:
+        pass
 
 
 async def serve_connection(app, reader, writer):
@@ -2088,7 +2147,8 @@ def build_parser():
     p.add_argument("--api-key", default=env("LOCALAI_API_KEY"), help="require this key (LOCALAI_API_KEY)")
     p.add_argument("--allowed-origins", default=env("LOCALAI_ALLOWED_ORIGINS",
                    "http://localhost,https://localhost,http://127.0.0.1,https://127.0.0.1,http://[::1],https://[::1]"),
-                   help="comma-separated browser origins allowed (scheme://host[:port]); * for any (LOCALAI_ALLOWED_ORIGINS)")
+                   help="comma-separated browser origins allowed (scheme://host matches any port, "
+                        "scheme://host:port that port); * for any (LOCALAI_ALLOWED_ORIGINS)")
     p.add_argument("--allowed-hosts", default=env("LOCALAI_ALLOWED_HOSTS", ""),
                    help="extra Host names accepted besides IPs, localhost and this machine's names; * for any")
     p.add_argument("--allow-image-urls", action="store_true",
