@@ -268,9 +268,10 @@ class _Worker:
         m = self.models.get(info.id)
         if m is not None:
             return m
-        for mid in list(self.models):
-            if len(self.models) >= MAX_LOADED:
-                self._unload(mid)
+        with self.cv:                        # make room: the others are idle (one worker)
+            for mid in list(self.models):
+                if len(self.models) >= MAX_LOADED:
+                    self._unload(mid)
         _ensure()
         from mlx_vlm.utils import load as vlm_load
         t0 = time.perf_counter()
@@ -298,6 +299,9 @@ class _Worker:
 
     def _do(self, job):
         info = job.req.model
+        if job.cancelled():                  # its client left while it waited
+            self.counters["cancelled_in_queue"] += 1
+            return
         if job.kind == "unload":
             with self.cv:
                 self._unload(info.id)
@@ -332,8 +336,8 @@ class _Worker:
                            f"does not fit the model's context length of {ctx} tokens",
                            param="messages" if req.messages is not None else "prompt")
         max_tokens = min(req.max_tokens, ctx - n_prompt)
-        job.out.put(_PREPARED)
         self.counters["requests"] += 1
+        job.out.put(_PREPARED)
 
         from mlx_vlm.generate import generate_step
         from mlx_vlm.tokenizer_utils import make_streaming_detokenizer

@@ -599,6 +599,24 @@ def test_engine_cancel_stops_generation(store):
     after = vlm._WORKER.counters
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["tokens_generated"] - before["tokens_generated"] < 100
+    # a queued request whose client left never runs: hold the worker with a long
+    # request, queue a second one, leave, then let the first finish
+    hold = threading.Event()
+    long_it = vlm.generate(req(), cancel=hold)
+    gone = threading.Event()
+    waiter = threading.Thread(target=lambda: list(vlm.generate(req(), cancel=gone)))
+    before = vlm._WORKER.counters.copy()
+    waiter.start()
+    time.sleep(0.2)
+    gone.set()
+    waiter.join(5)
+    assert not waiter.is_alive()
+    hold.set()
+    list(long_it)
+    time.sleep(0.3)
+    after = vlm._WORKER.counters
+    assert after["cancelled_in_queue"] == before["cancelled_in_queue"] + 1
+    assert after["requests"] == before["requests"]
     # the same request uncancelled runs on (so the cut above was the cancel's doing)
     full = list(vlm.generate(dataclasses.replace(req(), max_tokens=200)))[-1]
     assert full.done and (full.completion_tokens == 200 or full.finish_reason == "stop")
