@@ -106,7 +106,8 @@ CHILD_TIMEOUT_S = 120         # SIGALRM ends a synthesis child that runs longer 
 ZYGOTE_START_TIMEOUT_S = 30.0  # python + pyttsx3 import + espeak init (about 0.3 s here)
 POLL_S = 0.1                  # how often the pump looks at `cancel` and the deadline
 READ_BYTES = 64 * 1024        # pipe read size
-MAX_JOB_BYTES = 64 * 1024     # one job message (4096 chars of UTF-8 in JSON fit easily)
+MAX_JOB_BYTES = 1024 * 1024   # one job message: 4096 characters as UTF-8 JSON, even split into
+                              # 4096 one-character language runs, stay far below this
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -372,12 +373,15 @@ def _child(job, fd, espeak):
                 return 1
         return 0
     espeak.SetSynthCallback(on_audio)
-    for voice, text in job["segments"]:
+    segments = job["segments"]
+    for i, (voice, text) in enumerate(segments):
         if espeak.SetVoiceByName(voice.encode("ascii")) != 0:
             os._exit(3)
         espeak.SetParameter(espeak.RATE, int(job["rate"]), 0)
         espeak.SetParameter(espeak.PITCH, int(job["pitch"]), 0)
-        espeak.Synth(text.encode("utf-8"), flags=espeak.ENDPAUSE | espeak.CHARS_UTF8)
+        # A language switch is not a sentence end: only the last run gets the final pause.
+        last = espeak.ENDPAUSE if i == len(segments) - 1 else 0
+        espeak.Synth(text.encode("utf-8"), flags=last | espeak.CHARS_UTF8)
         if failed:
             os._exit(4)
     os._exit(0)
@@ -462,7 +466,9 @@ class _Synthesizer:
 
     def submit(self, job, fd):
         """Start synthesising `job` into the pipe write end `fd` (the caller closes fd)."""
-        data = json.dumps(job).encode("utf-8")
+        data = json.dumps(job, ensure_ascii=False).encode("utf-8")
+        if len(data) > MAX_JOB_BYTES:                  # cannot happen within MAX_INPUT_CHARS
+            raise BadInput("input too long to synthesise", param="input")
         with self._lock:
             for attempt in (1, 2):
                 if self._proc is None or self._proc.poll() is not None:
