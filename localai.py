@@ -903,6 +903,7 @@ def image_sources(messages=None, images=None):
         if not isinstance(msg, dict):
             continue
         content = msg.get("content")
+        content = [content] if isinstance(content, dict) else content   # one part alone
         for part in content if isinstance(content, list) else ():
             if isinstance(part, dict) and (part.get("type") == "image_url" or "image_url" in part):
                 add(part.get("image_url"), i, "messages[%d].content image_url" % i)

@@ -196,6 +196,21 @@ def test_seed_string_image_url_form_and_jpeg(srv):
     status, obj = chat_image(srv, data_url(png(3, fmt="JPEG"), "image/jpeg"))
     assert status == 200, obj
     assert obj["usage"]["completion_tokens"] > 0
+    # the seed: content may be one part object instead of a list
+    status, alone = post(srv, "/v1/chat/completions", {
+        "model": VLM, "temperature": 0, "max_tokens": 4, "messages": [{"role": "user",
+        "content": {"type": "image_url", "image_url": data_url(png(3))}}]})
+    status2, listed = post(srv, "/v1/chat/completions", {
+        "model": VLM, "temperature": 0, "max_tokens": 4, "messages": [{"role": "user",
+        "content": [{"type": "image_url", "image_url": data_url(png(3))}]}]})
+    assert status == status2 == 200, (alone, listed)
+    assert alone["usage"] == listed["usage"]
+    assert alone["choices"][0]["message"] == listed["choices"][0]["message"]
+    # and messages[].images works on the OpenAI route too
+    status, side = post(srv, "/v1/chat/completions", {
+        "model": VLM, "temperature": 0, "max_tokens": 4, "messages": [{"role": "user",
+        "content": "", "images": [b64(png(3))]}]})
+    assert status == 200 and side["usage"] == listed["usage"], side
 
 
 def test_different_images_give_different_greedy_outputs(srv):
