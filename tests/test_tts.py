@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -447,3 +448,17 @@ def test_speed_plan_uses_espeak_inside_its_range_and_atempo_outside():
     assert abs(math.prod(stages) - 0.1) < 1e-9
     args = tts.ffmpeg_args("mp3", 1.5, 22050, "pipe:1")
     assert args[0] == "ffmpeg" and "atempo=1.500000,aresample=24000" in args and "+bitexact" in args
+
+
+def test_every_language_and_voice_variant_loads_in_espeak():
+    """Each script's language voice with each voice's variant exists in espeak-ng."""
+    names = sorted({"%s+%s" % (lang, v.variant)
+                    for lang in list(tts.SCRIPT_LANGUAGE.values()) + ["uk", "ja", "en", "en-us"]
+                    for v in tts.VOICES.values()})
+    code = ("import sys, json\n"
+            "from pyttsx3.drivers import _espeak as E\n"
+            "assert E.Initialize(E.AUDIO_OUTPUT_SYNCHRONOUS, 100) > 0\n"
+            "print(json.dumps([n for n in json.loads(sys.argv[1]) if E.SetVoiceByName(n.encode()) != 0]))\n")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(names)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [], "espeak-ng does not know these voices"
