@@ -53,6 +53,8 @@ READ_BLOCK = 64 * 1024
 
 FORMATS = "PNG, JPEG, GIF, WebP or BMP"
 _B64_RE = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
+_B64URL_RE = re.compile(rb"^[A-Za-z0-9_-]*={0,2}$")
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
 _WS = re.compile(r"\s+")
 _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp")
 
@@ -122,6 +124,8 @@ def _b64(s):
     if len(s) > (MAX_IMAGE_BYTES + 2) // 3 * 4 + len(s) // 64 + 4:   # + line breaks
         raise TooLarge("image is over the limit of %d bytes" % MAX_IMAGE_BYTES)
     t = _WS.sub("", s).encode("ascii", "replace")
+    if t and _B64URL_RE.match(t) and not _B64_RE.match(t):
+        t = t.translate(_URLSAFE)     # the URL-safe alphabet (-_) some clients send
     if not t or not _B64_RE.match(t):
         return None
     if len(t) % 4:
