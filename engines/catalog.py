@@ -46,7 +46,8 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_PREFIX = "mlx-community/"
 MAX_NAME = 256               # longer names are not model names (ids are <= 96 chars)
 MAX_SAFETENSORS_HEADER = 100 << 20   # safetensors' own reader refuses > 100 MB
-DIGEST_CACHE = ".digests.json"       # in the store: {path: [size, mtime_ns, sha256]}
+DIGEST_CACHE = ".digests.json"       # in the store: {"path:size:mtime_ns": sha256}
+SOURCE_FILE = ".localai-source.json"  # in a pulled model dir: {"repo": "owner/name"}
 HASH_CHUNK = 1 << 20
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}$")
 
@@ -308,6 +309,12 @@ class Catalog:
             tensors.update(read_safetensors_header(p))
         gguf = config.get("gguf") or {}
         text_cfg = config.get("text_config") or {}
+        if not repo:                      # pulled into the store: where it came from
+            try:
+                src = json.loads((path / SOURCE_FILE).read_text(encoding="utf-8"))
+                repo = src["repo"] if isinstance(src.get("repo"), str) else ""
+            except (OSError, ValueError, AttributeError, KeyError):
+                pass
         family = config.get("model_type") or text_cfg.get("model_type") or ""
         count = count_parameters(tensors, config)
         caps = ["completion"]

@@ -12,6 +12,7 @@ Offline it fails fast: HF_HUB_OFFLINE set, or the hub host not reachable within
 CONNECT_TIMEOUT, raise engines.Unavailable with a clear message before any
 download starts. No HTTP server code here.
 """
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import BadInput, NotFound, Unavailable
+from .catalog import SOURCE_FILE
 from .gguf import check_name
 
 CONNECT_TIMEOUT = 5.0      # seconds to reach the hub before calling it offline
@@ -92,6 +94,7 @@ def pull(repo, models_dir, progress=True, cancel=None):
                 raise NotFound(f"repository '{repo}' not found on the hub") from None
             raise Unavailable(f"cannot pull {repo}: {kind}") from None
         shutil.rmtree(tmp / ".cache", ignore_errors=True)   # hub bookkeeping
+        (tmp / SOURCE_FILE).write_text(json.dumps({"repo": repo}))
         if not (tmp / "config.json").is_file() or not list(tmp.glob("model*.safetensors")):
             raise BadInput(f"'{repo}' is not an MLX model repository "
                            "(no config.json and model*.safetensors)")

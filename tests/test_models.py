@@ -89,7 +89,7 @@ def hf_cache(tmp_path_factory):
     (broken / "config.json").write_text("{}")
     _hf_entry(cache, "Broken", broken)
     vis_params = sum(v.size for v in mx.load(str(vis / "model.safetensors")).values())
-    return cache, {"tiny4_params": expected_params, "vision_params": vis_params,
+    return cache, {"tiny4_params": expected_params, "vision_params": vis_params, "tiny4_src": src,
                    "tiny4_size": _tree_size(src), "tiny4_digest": _sha256(src / "model.safetensors")}
 
 
@@ -406,6 +406,88 @@ def test_cli_pull_fails_fast_offline(tmp_path):
     r = _cli("--models-dir", str(store), "pull", "../../etc")
     assert r.returncode == 1 and "invalid repository name" in r.stderr
     assert not store.exists() or [p for p in store.iterdir() if p.name != ".digests.json"] == []
+
+
+class _FakeHub:
+    """Just enough of the Hugging Face hub API for huggingface_hub.snapshot_download:
+    revision info, the file tree, HEAD/GET of files (ETag, X-Repo-Commit)."""
+
+    def __init__(self, repo, src):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import threading
+        files = {p.name: p.read_bytes() for p in Path(src).iterdir()}
+        sha = hashlib.sha1(repo.encode()).hexdigest()
+        self.requests = []
+        hub_self = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                hub_self.requests.append((self.command, self.path))
+
+            def do_HEAD(self):
+                self.reply(head=True)
+
+            def do_GET(self):
+                self.reply(head=False)
+
+            def reply(self, head):
+                body, headers = None, {}
+                if self.path.startswith(f"/api/models/{repo}/revision/"):
+                    body = json.dumps({"id": repo, "sha": sha,
+                                       "siblings": [{"rfilename": n} for n in files]}).encode()
+                elif self.path.startswith(f"/api/models/{repo}/tree/"):
+                    body = json.dumps([{"type": "file", "path": n, "size": len(d),
+                                        "oid": hashlib.sha1(d).hexdigest()} for n, d in files.items()]).encode()
+                elif self.path.startswith(f"/{repo}/resolve/"):
+                    body = files.get(self.path.rsplit("/", 1)[1])
+                    headers = {"X-Repo-Commit": sha, "ETag": '"%s"' % hashlib.sha256(body or b"").hexdigest()}
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "RepoNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_cli_pull_from_a_hub(hf_cache, tmp_path):
+    """The real pull path (huggingface_hub, progress bar, atomic rename) against a
+    local stand-in for the hub, since the real one is unreachable here."""
+    facts = hf_cache[1]
+    fake = _FakeHub("mlx-community/Tiny-Pulled-4bit", facts["tiny4_src"])
+    store = tmp_path / "store"
+    env = {"HF_ENDPOINT": fake.url, "HF_HUB_OFFLINE": "", "HF_HUB_DISABLE_XET": "1",
+           "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    try:
+        r = _cli("--models-dir", str(store), "pull", "mlx-community/Tiny-Pulled-4bit", env=env)
+        assert r.returncode == 0, r.stderr
+        assert "pulled tiny-pulled-4bit" in r.stdout and "100%" in r.stderr
+        assert any(m == "GET" and p.endswith("/model.safetensors") for m, p in fake.requests)
+        info = Catalog(store, hf_cache=tmp_path / "hf").resolve("mlx-community/tiny-pulled-4bit:latest")
+        assert info.repo == "mlx-community/Tiny-Pulled-4bit" and info.owned_by == "mlx-community"
+        assert info.digest == facts["tiny4_digest"] and info.size == facts["tiny4_size"]
+        assert info.quantization == "4bit" and info.license == "mit"
+        r = _cli("--models-dir", str(store), "pull", "Tiny-Pulled-4bit", env=env)
+        assert r.returncode == 1 and "already installed" in r.stderr
+        r = _cli("--models-dir", str(store), "pull", "mlx-community/No-Such-Repo", env=env)
+        assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        fake.close()
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".digests")) == ["tiny-pulled-4bit"]
 
 
 def test_hub_names():
