@@ -104,6 +104,8 @@ BODY_IDLE_TIMEOUT = _seconds("BODY_IDLE_TIMEOUT", 10.0)    # max silence while a
 KEEPALIVE_TIMEOUT = _seconds("KEEPALIVE_TIMEOUT", 5.0)     # idle keep-alive connections close after this
 SEND_STALL_TIMEOUT = _seconds("SEND_STALL_TIMEOUT", 30.0)  # a client that reads nothing this long is dropped
 DRAIN_TIMEOUT = _seconds("DRAIN_TIMEOUT", 10.0)            # on shutdown, in-flight requests get this long
+LINGER_TIMEOUT = 2.0                 # after an early answer, swallow input this long before closing
+LINGER_BYTES = 1024 * 1024           # ...or this much (Apache's lingering close, bounded)
 READ_CHUNK = 64 * 1024               # socket read size
 PIPELINE_BUFFER = 64 * 1024          # bytes read ahead while a handler runs
 BRIDGE_THREADS = 64                  # threads waiting on engines (engines bound their own work)
@@ -172,6 +174,7 @@ TOKEN_RE = re.compile(_TOKEN)
 TARGET_BAD_RE = re.compile(rb"[^\x21-\x7e]")          # controls, space, DEL, non-ASCII
 FIELD_RE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)")  # RFC 9110 5.5
 DIGITS_RE = re.compile(r"[0-9]{1,15}")                   # Content-Length (ASCII digits only)
+VERSION_RE = re.compile(rb"HTTP/[0-9]\.[0-9]")            # RFC 9112 2.3
 
 
 class Request:
@@ -244,7 +247,7 @@ def parse_head(head):
     if not TOKEN_RE.fullmatch(method):
         raise HTTPError(400, "malformed method", close=True)
     if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-        if version.startswith(b"HTTP/") and version[5:6].isdigit():
+        if VERSION_RE.fullmatch(version):                # well-formed, just not ours
             raise HTTPError(505, "HTTP version not supported", close=True)
         raise HTTPError(400, "malformed HTTP version", close=True)
     if TARGET_BAD_RE.search(target):
@@ -303,6 +306,7 @@ class Connection:
         self.reader, self.writer = reader, writer
         self.buf = bytearray()
         self.eof = False
+        self.unread = False       # we answered without reading all input: close gently
 
     async def _fill(self, timeout):
         async with asyncio.timeout(timeout):     # cheaper than wait_for: no extra task
@@ -851,6 +855,26 @@ async def h_api_show(req):
     verbose = bool(get_bool(body, "verbose", False))
     info = await run_blocking(req.app.catalog.resolve, name)
     return json_response(ollama_show(info, verbose))
+
+
+async def h_api_pull(req):
+    """Ollama's pull: fetch an MLX repo from the Hugging Face hub into the store.
+    Offline it fails at once (engines.hub checks before downloading)."""
+    body = req.json_body()
+    name = get_str(body, "model") or get_str(body, "name")
+    if not name:
+        raise HTTPError(400, "'model' is required", param="model")
+    stream = get_bool(body, "stream", False)
+    from engines import hub
+
+    async def statuses():
+        yield {"status": "pulling %s" % name}
+        await run_blocking(hub.pull, name, req.app.config.models_dir, progress=False)
+        yield {"status": "success"}
+    if stream:
+        return ndjson_response(statuses())
+    await run_blocking(hub.pull, name, req.app.config.models_dir, progress=False)
+    return json_response({"status": "success"})
 
 
 def loaded_models():
@@ -1676,6 +1700,7 @@ ROUTES = {
     "/api/tags": Route({"GET": h_api_tags}),
     "/api/ps": Route({"GET": h_api_ps}),
     "/api/show": Route({"POST": h_api_show}, BODY_SMALL),
+    "/api/pull": Route({"POST": h_api_pull}, BODY_SMALL),
     "/api/chat": Route({"POST": h_api_chat}, BODY_CHAT),
     "/api/generate": Route({"POST": h_api_generate}, BODY_CHAT),
 }
@@ -2034,6 +2059,7 @@ async def handle_one(app, conn, req):
             keep_alive = False
     if not body_read:
         keep_alive = False          # the unread body would be taken for the next request
+        conn.unread = True          # ...and is swallowed for a moment before closing
     if app.stopping or (isinstance(resp, StreamResponse) and req.version == "HTTP/1.0"):
         keep_alive = False          # an HTTP/1.0 stream ends by closing
     status = resp.status
@@ -2111,20 +2137,51 @@ async def serve_connection(app, reader, writer):
                                                      ("Connection", "close")]) + json_bytes({"error": exc.message}))
                 await drain(writer)
                 access_log.info('%s "- - -" %d 0', client, exc.status)
+                conn.unread = True
                 break
             if not await handle_one(app, conn, req):
                 break
             app.busy.discard(task)
+        clean = True
     except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError, OSError):
-        pass
+        clean = False
     except asyncio.CancelledError:
-        pass
+        clean = False
     except Exception as exc:  # a bug in the wire layer: log, drop this connection only
         log.error("connection error\n%s", "".join(traceback.format_exception(exc)))
+        clean = False
     finally:
         app.busy.discard(task)
         app.connections.discard(task)
-        writer.close()
+    if not clean:
+        writer.transport.abort()    # timeouts, resets, stalls: free the socket now, unsent data too
+        return
+    try:
+        if conn.unread and not conn.eof and not app.stopping:
+            await lingering_close(conn)
+    except (ConnectionError, asyncio.TimeoutError, OSError, asyncio.CancelledError):
+        pass
+    writer.close()
+
+
+async def lingering_close(conn):
+    """Close after answering without reading the request body (413, 400...).
+
+    Closing a socket with unread input makes the kernel send a reset, which can
+    destroy our response before the client reads it. So: send FIN, then swallow
+    what the client still sends, bounded by LINGER_TIMEOUT and LINGER_BYTES."""
+    conn.writer.write_eof()
+    deadline = time.monotonic() + LINGER_TIMEOUT
+    taken = 0
+    while taken < LINGER_BYTES:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        async with asyncio.timeout(left):
+            data = await conn.reader.read(READ_CHUNK)
+        if not data:
+            return
+        taken += len(data)
 
 
 # ============================================================================

@@ -490,6 +490,40 @@ def test_cli_pull_from_a_hub(hf_cache, tmp_path):
     assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".digests")) == ["tiny-pulled-4bit"]
 
 
+def test_api_pull_offline_and_from_a_hub(start_server, hf_cache, tmp_path):
+    import ollama
+    store = tmp_path / "store"
+    offline = start_server(env={"LOCALAI_MODELS_DIR": str(store), "HF_HUB_OFFLINE": "1",
+                                "LOCALAI_NO_AUTO_IMPORT": "1"})
+    client = ollama.Client(host=offline.url)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.pull("mlx-community/Tiny-Pulled-4bit")
+    assert err.value.status_code == 503 and "offline" in err.value.error
+    with pytest.raises(ollama.ResponseError) as err:
+        client.pull("../../etc")
+    assert err.value.status_code == 400
+    # streaming: the failure arrives in-band after the first status line
+    conn = http.client.HTTPConnection("127.0.0.1", offline.port, timeout=30)
+    conn.request("POST", "/api/pull", body=json.dumps({"model": "x", "stream": True}))
+    r = conn.getresponse()
+    lines = [json.loads(line) for line in r.read().splitlines()]
+    conn.close()
+    assert r.status == 200 and lines[0] == {"status": "pulling x"} and "offline" in lines[-1]["error"]
+    offline.stop()
+    fake = _FakeHub("mlx-community/Tiny-Pulled-4bit", hf_cache[1]["tiny4_src"])
+    try:
+        online = start_server(env={"LOCALAI_MODELS_DIR": str(store), "HF_HUB_OFFLINE": "",
+                                   "HF_ENDPOINT": fake.url, "HF_HUB_DISABLE_XET": "1",
+                                   "HF_HUB_CACHE": str(tmp_path / "hf"), "LOCALAI_NO_AUTO_IMPORT": "1"})
+        client = ollama.Client(host=online.url)
+        assert [r.status for r in client.pull("Tiny-Pulled-4bit", stream=True)] == \
+            ["pulling Tiny-Pulled-4bit", "success"]
+        assert [m.model for m in client.list().models] == ["tiny-pulled-4bit"]
+        assert client.show("tiny-pulled-4bit").details.quantization_level == "4bit"
+    finally:
+        fake.close()
+
+
 def test_hub_names():
     assert hub.parse_repo("Llama-3.2-1B-Instruct-4bit") == ("mlx-community/Llama-3.2-1B-Instruct-4bit",
                                                            "llama-3.2-1b-instruct-4bit")
