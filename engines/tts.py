@@ -437,9 +437,14 @@ class _Synthesizer:
     def _start(self):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+            # Its own session: a Ctrl+C at the server's terminal is the server's to handle
+            # (it drains requests); the helper ends when the server closes the socket.
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "engines.tts", "--zygote", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], cwd=str(ROOT), stdin=subprocess.DEVNULL)
+                pass_fds=[theirs.fileno()], cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL,
+                start_new_session=True)
         finally:
             theirs.close()
         self._sock = ours
@@ -546,8 +551,11 @@ class _Encoder:
 
     def __init__(self, args):
         self.errors = tempfile.TemporaryFile()
+        # Own session, like the helper: terminal signals go to the server, which drains;
+        # ffmpeg ends at EOF on stdin when the server is gone.
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stderr=self.errors,
-                                     stdout=subprocess.DEVNULL if args[-1] != "pipe:1" else subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL if args[-1] != "pipe:1" else subprocess.PIPE,
+                                     start_new_session=True)
 
     def error_text(self):
         self.errors.seek(0)
