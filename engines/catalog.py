@@ -242,6 +242,7 @@ class Catalog:
         self.models_dir = Path(models_dir).expanduser()
         self.hf_cache = Path(hf_cache).expanduser() if hf_cache else default_hf_cache()
         self._lock = threading.Lock()
+        self._digest_lock = threading.Lock()   # one writer of the digest cache file
         self._cache = {}          # model dir -> (stamp, ModelInfo)
 
     # candidates: (id, directory, repo)
@@ -340,6 +341,15 @@ class Catalog:
 
     def _digest(self, weights):
         """sha256 of the weight files (their bytes in name order), cached on disk."""
+        with self._digest_lock:
+            return self._digest_locked(weights)
+
+    def _digest_locked(self, weights):
+        if len(weights) == 1:
+            # the Hugging Face cache names an LFS blob by its sha256: no need to hash
+            blob = weights[0][0].resolve()
+            if blob.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", blob.name):
+                return blob.name
         key = "|".join(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}" for p, st in weights)
         cache_file = self.models_dir / DIGEST_CACHE
         try:
@@ -363,7 +373,7 @@ class Catalog:
         cache[key] = digest
         try:
             self.models_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f"{DIGEST_CACHE}.{os.getpid()}.tmp")
+            tmp = cache_file.with_name(f"{DIGEST_CACHE}.{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps(cache, indent=1))
             os.replace(tmp, cache_file)
         except OSError:
