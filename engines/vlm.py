@@ -175,6 +175,7 @@ class _Resident:
         self.expires_at = time.time() + DEFAULT_KEEP_ALIVE
         self.busy = False
         self.setup_info = {}
+        self.detokenizer = None
 
 
 _WORKER = None
@@ -293,6 +294,7 @@ class _Worker:
                               f"{_llm._short(e)}")
         m = _Resident(info, model, processor, time.perf_counter() - t0)
         m.setup_info = setup_info
+        m.detokenizer = _detokenizer_prototype(processor)
         with self.cv:
             self.models[info.id] = m
         return m
@@ -339,12 +341,13 @@ class _Worker:
         self.counters["requests"] += 1
         job.out.put(_PREPARED)
 
+        import copy
         from mlx_vlm.generate import generate_step
-        from mlx_vlm.tokenizer_utils import make_streaming_detokenizer
         proc = m.processor
         tok = proc.tokenizer if hasattr(proc, "tokenizer") else proc
         eos = set(_eos_ids(m, tok))
-        det = make_streaming_detokenizer(proc)
+        det = copy.copy(m.detokenizer)
+        det.reset()
         stops = [s for s in req.stop if s]
         input_ids = inputs.pop("input_ids")
         pixel_values = inputs.pop("pixel_values", None)
@@ -437,6 +440,23 @@ def _ensure():
         except ImportError:
             pass
         _setup_done = True
+
+
+def _detokenizer_prototype(processor):
+    """mlx-lm's streaming detokenizer of the same kind mlx-vlm chose, on the
+    processor's own tokenizer: text streams exactly as it does for text models
+    (mlx-lm's BPE one releases each token once its UTF-8 is complete; mlx-vlm's
+    holds text back until the next space). Falls back to mlx-vlm's."""
+    tok = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+    name = type(getattr(processor, "detokenizer", None)).__name__
+    try:
+        import mlx_lm.tokenizer_utils as lm_tok
+        cls = getattr(lm_tok, name, None) if name.endswith("StreamingDetokenizer") else None
+        if cls is not None:
+            return cls(tok)
+    except Exception:
+        pass
+    return processor.detokenizer
 
 
 def _context_length(info):
