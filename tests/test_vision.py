@@ -282,6 +282,7 @@ def test_streaming_with_image(srv):
             pieces.append(c.delta.content or "")
             finish = c.finish_reason or finish
     assert "".join(pieces) == whole.choices[0].message.content
+    assert sum(1 for p in pieces if p) >= 3        # token by token, not one block at the end
     assert usage.prompt_tokens == whole.usage.prompt_tokens
     assert usage.completion_tokens == whole.usage.completion_tokens
     assert finish == whole.choices[0].finish_reason
