@@ -783,7 +783,7 @@ def ollama_model_info(info, verbose):
     architecture, parameter count and context length."""
     arch, cfg = info.family or "unknown", dict(info.config.get("text_config") or {}, **info.config)
     out = {"general.architecture": arch, "general.parameter_count": info.parameter_count,
-           "general.file_type": info.quantization, arch + ".context_length": info.context_length}
+           arch + ".context_length": info.context_length}
     if verbose:
         for key, cfg_key in (("embedding_length", "hidden_size"), ("block_count", "num_hidden_layers"),
                              ("feed_forward_length", "intermediate_size"),
@@ -800,16 +800,10 @@ def ollama_model_info(info, verbose):
 
 
 def ollama_parameters(info):
-    """Modelfile PARAMETER lines that are true for this model: its context and stops."""
+    """Modelfile PARAMETER lines that are true for this model: its context and stop."""
     lines = ["num_ctx %d" % info.context_length] if info.context_length else []
-    try:
-        tcfg = json.loads((info.path / "tokenizer_config.json").read_text(encoding="utf-8"))
-        eos = tcfg.get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-        if isinstance(eos, str) and eos:
-            lines.append("stop %s" % json.dumps(eos))
-    except (OSError, ValueError, AttributeError):
-        pass
+    if info.eos_token:
+        lines.append("stop %s" % json.dumps(info.eos_token))
     return "\n".join(lines)
 
 
@@ -2360,6 +2354,10 @@ async def serve(config):
                                         limit=READ_CHUNK, reuse_address=True)
     port = server.sockets[0].getsockname()[1]
     app.port = port
+    stop = asyncio.Event()              # handlers first: a signal right after "listening" counts
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     print("localai %s listening on %s:%d" % (VERSION, config.host, port), flush=True)
     if config.host in ("0.0.0.0", "::", ""):
         for addr in lan_addresses():
@@ -2371,11 +2369,6 @@ async def serve(config):
         advertiser = mdns.Advertiser(port, VERSION, host=config.host)
         app.allowed_hosts.add(advertiser.hostname.lower().rstrip("."))
         asyncio.get_running_loop().run_in_executor(None, advertiser.start)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("localai: shutting down", flush=True)
     app.stopping = True

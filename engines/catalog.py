@@ -72,6 +72,7 @@ class ModelInfo:
     config: dict = field(default_factory=dict)  # config.json as loaded
     repo: str = ""             # "mlx-community/NAME" for Hugging Face cache models
     owned_by: str = ""         # who published it ("mlx-community", GGUF organization)
+    eos_token: str = ""        # the end-of-turn token text (tokenizer config), "" if none
 
 
 # --- where things are ------------------------------------------------------------
@@ -218,6 +219,15 @@ def _template(path):
     return ""
 
 
+def _eos_token(path):
+    try:
+        eos = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    return eos if isinstance(eos, str) else ""
+
+
 def _context_length(config, path):
     for c in (config, config.get("text_config") or {}):
         for key in ("max_position_embeddings", "max_sequence_length", "n_positions",
@@ -334,6 +344,7 @@ class Catalog:
             license=gguf.get("license") or _license_from_readme(path / "README.md"),
             template=_template(path), capabilities=caps, config=config, repo=repo,
             owned_by=(repo.split("/")[0] if repo else gguf.get("organization", "") or "local"),
+            eos_token=_eos_token(path),
         )
         with self._lock:
             self._cache[path] = (stamp, info)
