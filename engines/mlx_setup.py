@@ -60,10 +60,11 @@ OPENBLAS_CANDIDATES = (
     "/usr/lib64/libopenblas.so.0",
     "/usr/lib/libopenblas.so.0",
 )
-# Largest batch the shim's small-M kernel takes: measured faster than OpenBLAS's
-# packing sgemm up to 4 rows on this CPU (4.4 vs 8 ms for the head); beyond that
-# OpenBLAS's blocked kernel amortises its packing and wins.
-SMALL_M = 4
+# Largest batch (rows) the shim's small-M kernel takes (MAX_BATCH of the llm engine
+# is 8). It runs passes of 4 rows over L2-sized blocks of a weight matrix: the
+# 576x49152 head at 4 rows 4.4 ms vs OpenBLAS's packing sgemm 8 ms; at 8 rows
+# 17 vs 32 ms measured on a loaded machine. Above this OpenBLAS's blocked gemm wins.
+SMALL_M = 8
 # Default memory budget for a float32 copy of the weights: a quarter of physical
 # RAM, so the copy never crowds out the KV caches, other models, or the desktop.
 DEFAULT_BUDGET_FRACTION = 0.25
@@ -76,6 +77,8 @@ VERIFY_N = 384
 _SHIM_C = r"""
 /* localai BLAS shim: route MLX's cblas_sgemm calls by shape (see mlx_setup.py). */
 #include <dlfcn.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 typedef void (*sgemm_t)(int, int, int, int, int, int, float, const float *, int,
                         const float *, int, float, float *, int);
@@ -87,20 +90,9 @@ static long n_calls, n_gemv, n_small;
 static int small_max = 0;
 enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 
-int localai_blas_init(const char *path, int smax) {
-  void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
-  if (!h) return -1;
-  real_sgemm = (sgemm_t)dlsym(h, "cblas_sgemm");
-  real_sgemv = (sgemv_t)dlsym(h, "cblas_sgemv");
-  small_max = smax;
-  return (real_sgemm && real_sgemv) ? 0 : -2;
-}
-long localai_blas_count(int which) {
-  return which == 0 ? n_calls : which == 1 ? n_gemv : n_small;
-}
-
-/* C[m][n] = alpha * sum_k A[m][k] * B[n][k] (+ beta * C[m][n]) for a few rows of A:
-   each row of B (a weight row) is read from memory once for all MM rows of A. */
+/* ---- kernel: C[m][n] = alpha * sum_k A[m][k] * B[n][k] (+ beta * C[m][n]) ----
+   For a few rows of A (M <= 4 per pass): each row of B, a weight row, is read once
+   for all of them. */
 #ifdef __AVX512F__
 #define VW 16
 #else
@@ -131,7 +123,141 @@ static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < VW; i++) s +
       }                                                                             \
     }                                                                               \
   }
-SMALL(2) SMALL(3) SMALL(4) SMALL(5) SMALL(6) SMALL(7) SMALL(8)
+SMALL(1) SMALL(2) SMALL(3) SMALL(4)
+
+struct job { int M, N, K, lda, ldb, ldc, rows; float alpha, beta;
+             const float *A, *B; float *C; };
+static struct job J;
+
+/* rows [n0, n1) of the output, all M rows of A, in passes of at most 4 rows (the
+   block of B stays in L2 between passes). */
+static void run_rows(const struct job *j, int n0, int n1) {
+  for (int m0 = 0; m0 < j->M; m0 += 4) {
+    int mm = j->M - m0 < 4 ? j->M - m0 : 4;
+    const float *A = j->A + (size_t)m0 * j->lda, *B = j->B + (size_t)n0 * j->ldb;
+    float *C = j->C + (size_t)m0 * j->ldc + n0;
+    int N = n1 - n0;
+    switch (mm) {
+      case 1: small_1(N, j->K, j->alpha, A, j->lda, B, j->ldb, j->beta, C, j->ldc); break;
+      case 2: small_2(N, j->K, j->alpha, A, j->lda, B, j->ldb, j->beta, C, j->ldc); break;
+      case 3: small_3(N, j->K, j->alpha, A, j->lda, B, j->ldb, j->beta, C, j->ldc); break;
+      default: small_4(N, j->K, j->alpha, A, j->lda, B, j->ldb, j->beta, C, j->ldc); break;
+    }
+  }
+}
+
+/* ---- one helper thread that takes blocks of rows when it is awake ----
+   The caller publishes a job as a ticket (generation | blocks | next block) and
+   takes blocks itself; the helper claims blocks with a compare-and-swap on the same
+   ticket. The caller never waits for a helper that has not started: it only waits
+   for blocks the helper actually claimed, so a descheduled helper costs nothing. */
+#define GEN_SHIFT 40
+#define TOT_SHIFT 20
+#define FIELD 0xFFFFFull
+static _Atomic unsigned long long ticket;
+static _Atomic int done_blocks;
+static _Atomic int helper_sleeping;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static int helpers = 0;
+static unsigned long long gen;
+static int spin_limit = 20000;
+
+static int claim(unsigned long long g) {
+  unsigned long long v = atomic_load(&ticket);
+  for (;;) {
+    if ((v >> GEN_SHIFT) != g) return -1;
+    unsigned long long idx = v & FIELD, tot = (v >> TOT_SHIFT) & FIELD;
+    if (idx >= tot) return -1;
+    if (atomic_compare_exchange_weak(&ticket, &v, v + 1)) return (int)idx;
+  }
+}
+
+static void do_blocks(unsigned long long g) {
+  int b;
+  while ((b = claim(g)) >= 0) {
+    int n0 = b * J.rows, n1 = n0 + J.rows < J.N ? n0 + J.rows : J.N;
+    run_rows(&J, n0, n1);
+    atomic_fetch_add(&done_blocks, 1);
+  }
+}
+
+static int has_work(unsigned long long v, unsigned long long last) {
+  return (v >> GEN_SHIFT) != last && (v & FIELD) < ((v >> TOT_SHIFT) & FIELD);
+}
+
+static void *helper(void *arg) {
+  (void)arg;
+  unsigned long long last = 0;
+  for (;;) {
+    unsigned long long v = atomic_load(&ticket);
+    int spins = 0;
+    while (!has_work(v, last)) {
+      if (++spins < spin_limit) {
+        __builtin_ia32_pause();
+      } else {
+        pthread_mutex_lock(&mu);
+        atomic_store(&helper_sleeping, 1);
+        v = atomic_load(&ticket);
+        if (!has_work(v, last)) pthread_cond_wait(&cv, &mu);
+        atomic_store(&helper_sleeping, 0);
+        pthread_mutex_unlock(&mu);
+        spins = 0;
+      }
+      v = atomic_load(&ticket);
+    }
+    last = v >> GEN_SHIFT;
+    do_blocks(last);
+  }
+  return NULL;
+}
+
+static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda,
+                       const float *B, int ldb, float beta, float *C, int ldc) {
+  struct job j = {M, N, K, lda, ldb, ldc, N, alpha, beta, A, B, C};
+  if (helpers == 0 || (long)N * K < 65536) {
+    run_rows(&j, 0, N);
+    return;
+  }
+  int rows = 65536 / K;              /* a block of B: ~256 KB, stays in L2 */
+  if (rows < 8) rows = 8;
+  int blocks = (N + rows - 1) / rows;
+  if (blocks > (int)FIELD) { run_rows(&j, 0, N); return; }
+  j.rows = rows;
+  J = j;
+  atomic_store(&done_blocks, 0);
+  gen = (gen + 1) & 0xFFFFFF;
+  if (gen == 0) gen = 1;
+  atomic_store(&ticket, (gen << GEN_SHIFT) | ((unsigned long long)blocks << TOT_SHIFT));
+  if (atomic_load(&helper_sleeping)) {
+    pthread_mutex_lock(&mu);
+    pthread_cond_signal(&cv);
+    pthread_mutex_unlock(&mu);
+  }
+  do_blocks(gen);
+  while (atomic_load(&done_blocks) < blocks) __builtin_ia32_pause();
+}
+
+int localai_blas_init(const char *path, int smax, int nhelpers) {
+  void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+  if (!h) return -1;
+  real_sgemm = (sgemm_t)dlsym(h, "cblas_sgemm");
+  real_sgemv = (sgemv_t)dlsym(h, "cblas_sgemv");
+  if (!real_sgemm || !real_sgemv) return -2;
+  small_max = smax;
+  if (nhelpers > 0 && helpers == 0) {
+    pthread_t t;
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&t, &at, helper, NULL) == 0) helpers = 1;
+    pthread_attr_destroy(&at);
+  }
+  return 0;
+}
+long localai_blas_count(int which) {
+  return which == 0 ? n_calls : which == 1 ? n_gemv : which == 2 ? n_small : helpers;
+}
 
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
                  const float *A, int lda, const float *B, int ldb, float beta,
@@ -148,15 +274,8 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
   if (order == RowMajor && ta == NoTrans && tb == Trans && M >= 2 && M <= small_max
       && ldc >= N) {
     n_small++;
-    switch (M) {
-      case 2: small_2(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
-      case 3: small_3(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
-      case 4: small_4(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
-      case 5: small_5(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
-      case 6: small_6(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
-      case 7: small_7(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
-      case 8: small_8(N, K, alpha, A, lda, B, ldb, beta, C, ldc); return;
-    }
+    small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
   }
   real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
@@ -297,9 +416,12 @@ def _load_openblas(path):
 def _load_with_shim(lib, path):
     global _shim, _openblas
     shim = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-    shim.localai_blas_init.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    shim.localai_blas_init.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
     shim.localai_blas_count.restype = ctypes.c_long
-    rc = shim.localai_blas_init(os.fsencode(path), SMALL_M)
+    # One helper thread for the small-M kernel when we may use two cores or more; it
+    # only takes blocks when awake, so a busy machine never makes the caller wait.
+    helpers = 1 if (_state["blas_threads"] or 1) >= 2 else 0
+    rc = shim.localai_blas_init(os.fsencode(path), SMALL_M, helpers)
     if rc != 0:
         _state["reasons"].append(f"BLAS shim could not bind OpenBLAS (rc {rc})")
         _load_openblas(path)
@@ -310,7 +432,8 @@ def _load_with_shim(lib, path):
     _state["shim"] = True
     _state["reasons"].append(
         "system OpenBLAS preloaded; shim sends one-row products to sgemv and "
-        f"2..{SMALL_M}-row ones to a single-pass kernel (decode, batched decode)")
+        f"2..{SMALL_M}-row ones to a one-pass kernel (decode, batched decode)"
+        + (" with a helper thread" if helpers else ""))
     _describe_openblas()
 
 
@@ -399,6 +522,7 @@ def _verify():
             mx.eval(x @ a)
         _state["gemm_gflops"] = round(2 * VERIFY_N ** 3 / dt / 1e9, 1)
         if _shim is not None:
+            _state["shim_helpers"] = _shim_helpers()
             calls = _shim.localai_blas_count(0) - before
             gemv = _shim.localai_blas_count(1)
             if calls <= 0 or gemv <= 0:
@@ -414,6 +538,10 @@ def blas_calls():
     if _shim is None:
         return None
     return tuple(int(_shim.localai_blas_count(i)) for i in range(3))
+
+
+def _shim_helpers():
+    return int(_shim.localai_blas_count(3)) if _shim is not None else 0
 
 
 # --- prepare: the dtype the weights run in ----------------------------------------------

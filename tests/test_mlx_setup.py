@@ -33,7 +33,8 @@ c0 = ms.blas_calls()
 # Shapes the shim routes differently: one row (sgemv, both layouts of B), 2..4 rows
 # (single-pass kernel, K not a multiple of the vector width, odd N), more rows (sgemm).
 for M, N, K in [(1, 1000, 576), (1, 37, 19), (2, 1001, 576), (3, 64, 17), (4, 1536, 577),
-                (4, 5, 1), (5, 300, 64), (8, 49, 576), (64, 96, 200)]:
+                (4, 5, 1), (5, 300, 64), (8, 49, 576), (6, 3001, 100),
+                (8, 2049, 576), (9, 700, 576), (64, 96, 200)]:
     a = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
     ref = a.astype(np.float64) @ w.T.astype(np.float64)
