@@ -328,3 +328,28 @@ def test_images_for_a_text_model_are_refused(server):
     assert status == 400 and "does not support images" in json.loads(data)["error"]["message"]
     status, _, data = post(server, "/api/generate", {"model": MODEL, "prompt": "hi", "images": [png]})
     assert status == 400 and "does not support images" in json.loads(data)["error"]
+
+
+# -- pure pieces (no server) ----------------------------------------------------------
+def test_keep_alive_parsing():
+    import localai
+    assert localai.parse_keep_alive(None) is None
+    assert localai.parse_keep_alive(0) == 0 and localai.parse_keep_alive("0") == 0
+    assert localai.parse_keep_alive("5m") == 300 and localai.parse_keep_alive("1h30m") == 5400
+    assert localai.parse_keep_alive("1.5s") == 1.5 and localai.parse_keep_alive(10) == 10
+    assert localai.parse_keep_alive("-1") < 0 and localai.parse_keep_alive("-1m") == -60
+    for bad in ("soon", "5 m", "m5", "", True, [1]):
+        with pytest.raises(localai.HTTPError):
+            localai.parse_keep_alive(bad)
+
+
+def test_stop_hold_back():
+    from engines.llm import _find_stop, _safe_prefix_len
+    stops = ["</end>", "STOP"]
+    assert _safe_prefix_len("hello", stops) == 5
+    assert _safe_prefix_len("hello </e", stops) == len("hello ")      # could become </end>
+    assert _safe_prefix_len("hello ST", stops) == len("hello ")
+    assert _safe_prefix_len("hello S.", stops) == len("hello S.")     # can no longer match
+    assert _safe_prefix_len("abc", []) == 3
+    assert _find_stop("a STOP b </end>", stops) == 2
+    assert _find_stop("nothing", stops) is None
