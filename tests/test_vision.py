@@ -31,6 +31,7 @@ from PIL import Image  # noqa: E402  (Pillow comes with mlx-vlm)
 import tinyvlm  # noqa: E402
 
 VLM = "tiny-qwen2-vl"
+PALI = "tiny-paligemma"      # a second architecture: image tokens before the prompt
 TEXT = "smollm2-135m-instruct"
 TOKENS_32 = 16 + 2      # 32x32 px -> (32/8)^2 merged patches + <|vision_start|><|vision_end|>
 TOKENS_16 = 4 + 2
@@ -72,6 +73,7 @@ def png_header(width, height):
 def store(tmp_path_factory):
     root = imported_models_dir(tmp_path_factory.mktemp("vision-models"))
     tinyvlm.build(root / VLM)
+    tinyvlm.build_paligemma(root / PALI)
     return root
 
 
@@ -265,6 +267,23 @@ def test_images_stay_in_their_turns(srv):
         {"role": "assistant", "content": "look", "images": [b64(png(1))]},
         {"role": "user", "content": "hi"}]})
     assert_400(status, obj, "user messages")
+
+
+def test_second_architecture_paligemma(srv):
+    """Same interface, another mlx-vlm family: PaliGemma puts its 16 image tokens,
+    then <bos>, before the prompt and a newline after it; it takes one image."""
+    client = ollama.Client(host=srv.url)
+    opts = {"temperature": 0, "num_predict": 6}
+    a = client.generate(model=PALI, prompt="caption en", images=[png(1)], options=opts)
+    b = client.generate(model=PALI, prompt="caption en", images=[png(2)], options=opts)
+    plain = client.generate(model=PALI, prompt="caption en", options=opts)
+    assert a.eval_count == 6 and a.response
+    assert a.prompt_eval_count - plain.prompt_eval_count == tinyvlm.PG_IMAGE_TOKENS + 2
+    assert a.response != b.response
+    status, obj = post(srv, "/api/generate", {"model": PALI, "prompt": "x", "stream": False,
+                                              "images": [b64(png(1)), b64(png(2))]})
+    assert_400(status, obj, "multi-image")
+    assert "vision" in (client.show(PALI).capabilities or [])
 
 
 def test_streaming_with_image(srv):

@@ -8,6 +8,7 @@ The result loads through exactly the code path of an installed model
 (``mlx_vlm.load``), and the catalog recognises it as vision by ``vision_config``.
 
     python tests/tinyvlm.py DIR        # writes DIR/config.json, model.safetensors, ...
+    python tests/tinyvlm.py DIR paligemma   # the second architecture (build_paligemma)
 
 Sizes: text hidden 64, 2 layers; vision embed 32, 2 layers, patch 4, merge 2, so
 one image token covers 8x8 pixels and images are resized to at most 32x32 pixels
@@ -168,7 +169,77 @@ def build(dest, seed=0, embed_scale=0.1):
     return dest
 
 
+# ---------------------------------------------------------------------------
+# a second architecture: PaliGemma (SigLIP + Gemma; one image, placed before the
+# prompt by its processor rather than by a chat template)
+# ---------------------------------------------------------------------------
+PG_SPECIAL = ["<pad>", "<eos>", "<bos>", "<image>"]
+PG_EXTRA = [f"<loc{i:0>4}>" for i in range(1024)] + [f"<seg{i:0>3}>" for i in range(128)]
+PG_IMAGE_TOKENS = 16                     # 32x32 pixels, patch 8
+
+
+def build_paligemma(dest, seed=0, embed_scale=0.1):
+    """Write a tiny random PaliGemma (~0.2M parameters) into ``dest``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_vlm.utils import get_model_and_args, update_module_configs
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, AddedToken
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    table = _bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[],
+                               unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in PG_SPECIAL])
+    # PaliGemma's processor adds these location/segmentation tokens itself; they are
+    # in the vocabulary of every real checkpoint, so the embedding covers them
+    tok.add_tokens([AddedToken(t, normalized=False) for t in PG_EXTRA])
+    vocab = 256 + len(PG_SPECIAL) + len(PG_EXTRA)
+    ids = {t: tok.token_to_id(t) for t in PG_SPECIAL}
+    cfg = {
+        "architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
+        "vocab_size": vocab, "image_token_index": ids["<image>"], "hidden_size": 64,
+        "projection_dim": 64, "pad_token_id": ids["<pad>"], "eos_token_id": ids["<eos>"],
+        "bos_token_id": ids["<bos>"],
+        "text_config": {"model_type": "gemma", "hidden_size": 64, "num_hidden_layers": 2,
+                        "intermediate_size": 128, "num_attention_heads": 2,
+                        "num_key_value_heads": 1, "head_dim": 32, "vocab_size": vocab,
+                        "max_position_embeddings": 2048},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32,
+                          "num_hidden_layers": 2, "intermediate_size": 64,
+                          "num_attention_heads": 2, "patch_size": 8, "image_size": 32,
+                          "projection_dim": 64},
+    }
+    mx.random.seed(seed)
+    raw = json.loads(json.dumps(cfg))
+    arch, _ = get_model_and_args(raw)
+    mc = update_module_configs(arch.ModelConfig.from_dict(raw), arch, raw, ["text", "vision"])
+    weights = dict(tree_flatten(arch.Model(mc).parameters()))
+    for k in weights:
+        if k.endswith("embed_tokens.weight"):
+            weights[k] = weights[k] * embed_scale
+    mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    (dest / "tokenizer.json").write_text(tok.to_str())
+    (dest / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>",
+        "eos_token": "<eos>", "pad_token": "<pad>", "image_token": "<image>",
+        "add_bos_token": True}, indent=2))
+    (dest / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "SiglipImageProcessor", "processor_class": "PaliGemmaProcessor",
+        "image_seq_length": PG_IMAGE_TOKENS, "size": {"height": 32, "width": 32},
+        "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "resample": 3}, indent=2))
+    return dest
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/tinyvlm.py DIR")
-    print(build(sys.argv[1]))
+    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] not in
+                                        ("qwen2_vl", "paligemma")):
+        sys.exit("usage: python tests/tinyvlm.py DIR [qwen2_vl|paligemma]")
+    kind = sys.argv[2] if len(sys.argv) == 3 else "qwen2_vl"
+    print((build_paligemma if kind == "paligemma" else build)(sys.argv[1]))
