@@ -2,7 +2,8 @@
 
     import_gguf(src, dest_dir, name=None, progress=None) -> Path
 
-turns a llama-architecture GGUF file into a directory that ``mlx_lm.load()`` loads:
+turns a llama-architecture GGUF file (also Qwen2, whose layout differs only in q/k/v
+biases and an unpermuted rotary layout) into a directory ``mlx_lm.load()`` loads:
 
     config.json            mlx-lm llama config (+ a "gguf" block with the source facts)
     model.safetensors      the weights; quantized tensors stay quantized
@@ -49,7 +50,11 @@ MAX_GGUF_ARRAY = 16 << 20      # one array (vocabularies are ~50k-260k entries)
 MAX_GGUF_DIMS = 4              # ggml tensors have at most 4 dimensions
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}$")  # model ids: one safe path segment
 
-SUPPORTED_ARCHS = ("llama",)
+# GGUF architecture -> (mlx-lm model_type, HF class, q/k permuted by llama.cpp?).
+# llama.cpp's converter permutes q/k only for llama; Qwen2 keeps HF's (NeoX) layout.
+ARCHS = {"llama": ("llama", "LlamaForCausalLM", True),
+         "qwen2": ("qwen2", "Qwen2ForCausalLM", False)}
+SUPPORTED_ARCHS = tuple(ARCHS)
 # ggml tensor types we import (id -> label). We decode them ourselves (_decode),
 # one tensor at a time, rather than with mx.load: mx.load's GGUF reader (gguflib)
 # reads the whole file at once, cannot read Q5_K, turns BF16 into float16 (which
@@ -76,8 +81,9 @@ FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0",
 # GGUF tokenizer.ggml.pre -> the pre-tokenizer recipe (see _build_tokenizer)
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")      # digits one by one
 PRE_TOKENIZERS = ("default", "gpt2", "smollm", "starcoder", "refact", "llama-bpe",
-                  "llama3")
+                  "llama3", "qwen2")
 
 ROPE_FREQS = "rope_freqs.weight"   # Llama 3.x RoPE scaling factors (see _llama3_rope)
 # (low_freq_factor, high_freq_factor, original context) tried against rope_freqs:
@@ -228,11 +234,12 @@ def _check(md, tensors):
             label = GGML_TYPE_NAMES.get(ttype, f"type {ttype}")
             raise BadInput(f"unsupported GGUF tensor type {label} in '{tname[:80]}' "
                            f"(supported: {', '.join(GGML_TYPES.values())})")
-        base = tname[:-len(".weight")] if tname.endswith(".weight") else None
-        if tname == ROPE_FREQS:
+        if tname == ROPE_FREQS and arch == "llama":
             continue
-        if base is None or _mlx_name(base) is None:
-            raise BadInput(f"unsupported GGUF tensor '{tname[:80]}' for a llama model")
+        base, _, leaf = tname.rpartition(".")
+        biased = arch == "qwen2" and base.rsplit(".", 1)[-1] in ("attn_q", "attn_k", "attn_v")
+        if not (leaf == "weight" or (leaf == "bias" and biased)) or _mlx_name(base) is None:
+            raise BadInput(f"unsupported GGUF tensor '{tname[:80]}' for a {arch} model")
     tok_model = md.get("tokenizer.ggml.model")
     if tok_model not in ("gpt2", "llama"):
         raise BadInput(f"unsupported GGUF tokenizer {str(tok_model)[:50]!r} (supported: "
@@ -298,9 +305,10 @@ def _build_config(md, arch, tensors, quant):
     hidden = int(_get(md, arch, "embedding_length"))
     tokens = md["tokenizer.ggml.tokens"]
     head_dim = _get(md, arch, "attention.key_length", hidden // n_head, required=False)
+    model_type, hf_class, permuted = ARCHS[arch]
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_class],
+        "model_type": model_type,
         "hidden_size": hidden,
         "num_hidden_layers": int(_get(md, arch, "block_count")),
         "intermediate_size": int(_get(md, arch, "feed_forward_length")),
@@ -311,13 +319,14 @@ def _build_config(md, arch, tensors, quant):
         "rms_norm_eps": float(_get(md, arch, "attention.layer_norm_rms_epsilon")),
         "vocab_size": int(_get(md, arch, "vocab_size", len(tokens), required=False)),
         "rope_theta": float(_get(md, arch, "rope.freq_base", 10000.0, required=False)),
-        # llama.cpp permutes q/k for its rotary layout; traditional RoPE matches it
-        "rope_traditional": True,
+        # llama.cpp permutes llama's q/k for its rotary layout; traditional RoPE
+        # (rotating adjacent pairs) matches that without un-permuting
+        "rope_traditional": permuted,
         "max_position_embeddings": int(_get(md, arch, "context_length")),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "attention_bias": False,
-        "mlp_bias": False,
     }
+    if arch == "llama":
+        cfg.update({"attention_bias": False, "mlp_bias": False})
     if _get(md, arch, "rope.scaling.type", None, required=False) == "linear":
         cfg["rope_scaling"] = {"type": "linear",
                                "factor": float(_get(md, arch, "rope.scaling.factor"))}
@@ -389,9 +398,10 @@ def _build_tokenizer(md):
                                   byte_fallback=False))
     if md.get("tokenizer.ggml.model") == "llama":
         pass                             # normalizer and decoder set by _spm_tokenizer
-    elif pre in ("llama-bpe", "llama3"):
+    elif pre in ("llama-bpe", "llama3", "qwen2"):
+        regex = QWEN2_REGEX if pre == "qwen2" else LLAMA3_REGEX
         tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     elif pre in ("smollm", "starcoder", "refact"):
         # the GPT-2 split with every digit on its own (llama.cpp's "smollm" regex)
@@ -539,8 +549,12 @@ def _convert_weights(src, tensors, progress):
     out, per_layer = {}, {}
     names = sorted(t for t in tensors if t != ROPE_FREQS)
     for i, tname in enumerate(names):
-        path = _mlx_name(tname[:-len(".weight")])
+        base, _, leaf = tname.rpartition(".")
+        path = _mlx_name(base)
         dims, ttype = tensors[tname]
+        if leaf == "bias":                            # Qwen2's q/k/v biases: plain vectors
+            out[f"{path}.bias"] = mx.array(_decode(src, offsets[tname], dims, ttype)[1])
+            continue
         kind, *rest = _decode(src, offsets[tname], dims, ttype)
         if kind == "affine":
             codes, scales, biases, bits = rest

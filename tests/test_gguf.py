@@ -317,11 +317,14 @@ def spm_reference(text, tokens, scores, add_space_prefix=True):
 def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False, spm=False):
     """A random tiny llama written as GGUF (q/k permuted the way llama.cpp's converter
     does) and the reference mlx-lm model (HF layout, non-traditional RoPE) holding
-    exactly the weights the GGUF encodes."""
+    exactly the weights the GGUF encodes. arch "qwen2": mlx-lm's Qwen2 (q/k/v biases,
+    q/k not permuted, as llama.cpp writes it); any other arch name: llama weights
+    under that name (for refusal tests)."""
     dims = TINY_K if ttype in (Q4_K, Q5_K, Q6_K) else TINY
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
+    from mlx_lm.models import llama, qwen2
+    family = qwen2 if arch == "qwen2" else llama
 
     theta = 500000.0 if llama3_rope else 10000.0
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -334,7 +337,7 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False, spm=Fa
     if spm:
         tokens, types, scores = spm_vocab()
         vocab = len(tokens)
-    args = llama.ModelArgs(model_type="llama", hidden_size=dims["hidden"],
+    args = family.ModelArgs(model_type=family.__name__.rsplit(".", 1)[1], hidden_size=dims["hidden"],
                            num_hidden_layers=dims["layers"], intermediate_size=dims["ffn"],
                            num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"],
                            rms_norm_eps=1e-5, vocab_size=vocab, rope_theta=theta,
@@ -342,7 +345,7 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False, spm=Fa
                            max_position_embeddings=dims["ctx"],
                            rope_scaling=dict(LLAMA3_SCALING) if llama3_rope else None)
     mx.random.seed(seed)
-    ref = llama.Model(args)
+    ref = family.Model(args)
     params = {k: np.array(v) for k, v in tree_flatten(ref.parameters())}
     gg_names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
@@ -362,10 +365,12 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False, spm=Fa
         elif k == "lm_head.weight":
             name = "output.weight"
         else:
-            name = "blk.%s.%s.weight" % (parts[2], gg_names[".".join(parts[3:-1])])
-        t = ttype if w.ndim == 2 else F32              # ggml keeps norms in F32
+            name = "blk.%s.%s.%s" % (parts[2], gg_names[".".join(parts[3:-1])], parts[-1])
+        t = ttype if w.ndim == 2 else F32              # ggml keeps norms and biases in F32
         new_params[k] = decode(w, t)                   # row-wise: commutes with the permutation
-        if name.endswith("attn_q.weight"):
+        if arch == "qwen2":
+            pass                                       # llama.cpp keeps Qwen2's HF layout
+        elif name.endswith("attn_q.weight"):
             w = permute(w, dims["heads"])
         elif name.endswith("attn_k.weight"):
             w = permute(w, dims["kv_heads"])
@@ -383,7 +388,7 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False, spm=Fa
         f"{arch}.attention.head_count": dims["heads"], f"{arch}.attention.head_count_kv": dims["kv_heads"],
         f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.rope.freq_base": theta,
         f"{arch}.vocab_size": vocab,
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2" if arch == "qwen2" else "default",
         "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": 1,
         "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 0,
@@ -495,6 +500,24 @@ def test_tiny_llama_logits_match_reference(tmp_path, ttype, tol):
     assert info.parameter_count == sum(v.size for k, v in
                                        __import__("mlx.utils").utils.tree_flatten(ref.parameters()))
     assert info.license == "mit" and info.context_length == TINY["ctx"] and info.format == "gguf"
+
+
+@pytest.mark.parametrize("ttype", [F16, Q8_0])
+def test_tiny_qwen2_logits_match_reference(tmp_path, ttype):
+    import mlx.core as mx
+    import mlx_lm
+    ref = tiny_llama_gguf(tmp_path / "q.gguf", ttype, arch="qwen2")
+    path = import_gguf(tmp_path / "q.gguf", tmp_path / "store", name="q")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2" and cfg["rope_traditional"] is False
+    model, tok = mlx_lm.load(str(path))
+    ids = mx.array([[1, 40, 50, 60, 259, 261, 7, 2]])
+    got, want = np.array(model(ids).astype(mx.float32)), np.array(ref(ids).astype(mx.float32))
+    assert np.abs(got - want).max() <= 2e-3 * max(1.0, np.abs(want).max())
+    from mlx.utils import tree_flatten
+    assert "model.layers.0.self_attn.q_proj.bias" in dict(tree_flatten(model.parameters()))
+    assert [tok.convert_ids_to_tokens(i) for i in tok.encode("12 the", add_special_tokens=False)] == \
+        ["1", "2", "Ġthe"]                                            # Qwen2 splits digits one by one
 
 
 def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
