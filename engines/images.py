@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from . import BadInput, TooLarge
+from . import BadInput, TooLarge, Unavailable
 
 MAX_IMAGES = 8                      # per request; Ollama/OpenAI clients send 1-4, each
                                     #   image costs hundreds of tokens and a decode
@@ -360,7 +360,11 @@ def validate(data):
 def decode(data, fmt=None):
     """A fully loaded RGB PIL image (Pillow imported here, on first use)."""
     import io
-    from PIL import Image, ImageOps
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        raise Unavailable("image decoding needs Pillow (it comes with mlx-vlm: "
+                          "pip install mlx-vlm)")
     if fmt is None:
         fmt, w, h = sniff(data)
         if w * h > MAX_IMAGE_PIXELS:
