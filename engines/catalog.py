@@ -288,7 +288,7 @@ class Catalog:
         for mid, (path, repo) in sorted(self._candidates().items()):
             try:
                 out.append(self._info(mid, path, repo))
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue   # unreadable or malformed: not a usable model, not listed
         return out
 
@@ -313,6 +313,8 @@ class Catalog:
         if hit and hit[0] == stamp:
             return hit[1]
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("config.json is not an object")
         weights = [(p, st) for p, st in files
                    if p.name.startswith("model") and p.name.endswith(".safetensors")]
         tensors = {}

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -172,6 +173,12 @@ def test_store_skips_half_written_and_foreign_entries(tmp_path):
     (store / "notes").mkdir()                                   # not a model
     (store / "Bad Name!").mkdir()
     (store / "stray.txt").write_text("x")
+    for name, config, weights in [("list-config", "[]", b""), ("bad-json", "{", b""),
+                                  ("bad-weights", "{}", b"\xff" * 8 + b"{}"),
+                                  ("weights-not-json", "{}", struct.pack("<Q", 2) + b"[]")]:
+        (store / name).mkdir()
+        (store / name / "config.json").write_text(config)
+        (store / name / "model.safetensors").write_bytes(weights)
     assert Catalog(store, hf_cache=tmp_path / "none").list() == []
     assert Catalog(tmp_path / "missing", hf_cache=tmp_path / "none").list() == []
 
