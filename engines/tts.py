@@ -98,6 +98,7 @@ TEMPO_TOLERANCE = 0.005       # closer to 1 than this: no atempo (0.5% of durati
                               # espeak's own 1-wpm rate step at 80..200 wpm)
 OUTPUT_RATE_HZ = 24000        # OpenAI's output rate; clients that play raw pcm assume it
 ESPEAK_CALLBACK_MS = 100      # audio per espeak callback: the streaming granularity
+POOL_PER_FORMAT = 2           # started ffmpeg processes kept waiting per format in use
 MAX_JOBS = 2                  # requests synthesising/encoding at once (2-core machines)
 MAX_WAITING = 16              # requests queued behind them; more -> Busy (503 + Retry-After)
 JOB_TIMEOUT_S = 120.0         # whole synthesis+encode of one request (4096 chars at speed
@@ -573,16 +574,17 @@ class _Encoder:
 
 
 class _EncoderPool:
-    """Started ffmpeg processes waiting for input, one per streamed format in use.
+    """Started ffmpeg processes waiting for input, per streamed format in use.
 
     Starting ffmpeg costs 80-150 ms here (it links about a hundred libraries),
     several times espeak's synthesis of a sentence. A request at plain tempo takes
-    the waiting process, and a replacement starts in the background, off the
-    request's path. Formats are pooled only after their first use."""
+    a waiting process, and a replacement starts in the background, off the
+    request's path. POOL_PER_FORMAT are kept so back-to-back requests still find
+    one ready while the replacement starts. Formats are pooled after first use."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._idle = {}
+        self._idle = {}               # ffmpeg args -> [_Encoder]
         self._closed = False
 
     def take(self, args, poolable):
@@ -590,7 +592,8 @@ class _EncoderPool:
         encoder = None
         if poolable:
             with self._lock:
-                encoder = self._idle.pop(key, None)
+                idle = self._idle.setdefault(key, [])
+                encoder = idle.pop() if idle else None
             if encoder is not None and encoder.proc.poll() is not None:
                 encoder.close()
                 encoder = None
@@ -598,20 +601,27 @@ class _EncoderPool:
         return encoder or _Encoder(args)
 
     def _refill(self, key):
-        try:
-            encoder = _Encoder(list(key))
-        except OSError:
-            return
-        with self._lock:
-            if not self._closed and key not in self._idle:
-                self._idle[key], encoder = encoder, None
-        if encoder is not None:
-            encoder.close()
+        while True:
+            with self._lock:
+                if self._closed or len(self._idle.get(key, ())) >= POOL_PER_FORMAT:
+                    return
+            try:
+                encoder = _Encoder(list(key))
+            except OSError:
+                return
+            with self._lock:
+                if not self._closed and len(self._idle[key]) < POOL_PER_FORMAT:
+                    self._idle[key].append(encoder)
+                    encoder = None
+            if encoder is not None:
+                encoder.close()
+                return
 
     def close(self):
         with self._lock:
             self._closed = True
-            idle, self._idle = list(self._idle.values()), {}
+            idle = [e for encoders in self._idle.values() for e in encoders]
+            self._idle = {}
         for encoder in idle:
             encoder.close()
 
