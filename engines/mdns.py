@@ -6,6 +6,7 @@ zeroconf missing) is a warning: the server keeps serving.
 """
 import logging
 import socket
+import threading
 
 log = logging.getLogger("localai.mdns")
 SERVICE_TYPE = "_http._tcp.local."
@@ -19,6 +20,8 @@ class Advertiser:
         self.name = name or "localai on %s" % short
         self.hostname = "%s.local." % short
         self.zc = self.info = None
+        self.lock = threading.Lock()      # start() runs in a thread; stop() may come meanwhile
+        self.stopped = False
 
     @property
     def service_name(self):
@@ -37,6 +40,12 @@ class Advertiser:
 
     def start(self):
         """Register (blocking: probing takes about a second). Returns the name or None."""
+        with self.lock:
+            if self.stopped:              # the server stopped before we got going
+                return None
+            return self._register()
+
+    def _register(self):
         try:
             from zeroconf import ServiceInfo, Zeroconf
             addresses = self._addresses()
@@ -55,12 +64,15 @@ class Advertiser:
             return None
 
     def stop(self):
-        if self.zc is not None and self.info is not None:
-            try:
-                self.zc.unregister_service(self.info)
-            except Exception as exc:
-                log.warning("Bonjour: unregister failed: %s", exc)
-        self.close()
+        """Unregister (goodbye packets, so browsers drop us at once) and close."""
+        with self.lock:
+            self.stopped = True
+            if self.zc is not None and self.info is not None:
+                try:
+                    self.zc.unregister_service(self.info)
+                except Exception as exc:
+                    log.warning("Bonjour: unregister failed: %s", exc)
+            self.close()
 
     def close(self):
         if self.zc is not None:
