@@ -946,21 +946,10 @@ async def gather_images(app, messages=None, images=None):
         return [], []
     image_inputs.check_count(len(found))
     cfg = app.config
-    data = await run_blocking(_load_images, [s for s, _ in found],
+    data = await run_blocking(image_inputs.load_all, [s for s, _ in found],
                               getattr(cfg, "media_dir", None),
                               bool(getattr(cfg, "allow_image_urls", False)))
     return data, [slot for _, slot in found]
-
-
-def _load_images(sources, media_dir, allow_urls, cancel=None):
-    from engines import images as image_inputs
-    out = []
-    for src in sources:
-        if cancel is not None and cancel.is_set():
-            raise engines.BadInput("cancelled")
-        out.append(image_inputs.load(src, media_dir=media_dir, allow_urls=allow_urls,
-                                     cancel=cancel))
-    return out
 
 
 # ============================================================================
@@ -1537,6 +1526,8 @@ def transcription_options(fields, files):
     if not 0.0 <= temperature <= 1.0:                 # NaN fails this too
         raise HTTPError(400, "'temperature' must be a number in [0, 1]", param="temperature")
     language = _one_field(fields, "language", "").strip() or None
+    if language is not None and language.lower() == "auto":      # some clients say so: the default
+        language = None
     if language is not None and (len(language) > 35 or not all(
             p.isascii() and p.isalnum() and 1 <= len(p) <= 8 for p in language.replace("_", "-").split("-"))):
         raise HTTPError(400, "'language' must be a language tag such as 'en' or 'en-US'", param="language")

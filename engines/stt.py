@@ -28,6 +28,7 @@ recognise side by side (at most MAX_ACTIVE at once; MAX_WAITING more wait; past
 that Busy). `cancel` is checked between CHUNK_BYTES chunks and while waiting.
 """
 from dataclasses import dataclass, field
+import contextlib
 import hashlib
 import json
 import logging
@@ -55,7 +56,7 @@ CHUNK_BYTES = 8000
 # small machine only makes every request slower.
 MAX_ACTIVE = 4
 # Requests allowed to wait for a slot before new ones get 503 Busy.
-MAX_WAITING = 16
+MAX_WAITING = 8
 # A gap between words at least this long starts a new segment (vosk's own
 # endpointer already ends an utterance after 0.5 s of silence in most models).
 SEGMENT_PAUSE_S = 0.5
@@ -278,20 +279,24 @@ class SpeechToText:
 
     # -- recognition --------------------------------------------------------
     def transcribe(self, data, filename="", language=None, cancel=None):
-        """Decode an uploaded file and recognise it. -> Transcript."""
-        spec = self.choose(language)               # unknown language: fail fast
-        audio = audio_mod.decode(data, filename, cancel=cancel)
-        return self.recognize(audio.pcm, language, cancel=cancel, spec=spec)
+        """Decode an uploaded file and recognise it. -> Transcript.
 
-    def recognize(self, pcm, language=None, cancel=None, spec=None):
+        Decoding runs inside the same slot as recognition, so at most MAX_ACTIVE
+        ffmpeg processes and recognisers run at once."""
+        spec = self.choose(language)               # unknown language: fail fast
+        with self._slot(cancel):
+            audio = audio_mod.decode(data, filename, cancel=cancel)
+            return self._recognize(audio.pcm, language, spec, cancel)
+
+    def recognize(self, pcm, language=None, cancel=None):
         """Recognise 16 kHz mono s16le PCM. -> Transcript."""
-        spec = spec or self.choose(language)
-        self._acquire(cancel)
-        try:
-            model = self.load(spec)
-            results = _run_recognizer(model, pcm, cancel)
-        finally:
-            self._slots.release()
+        spec = self.choose(language)
+        with self._slot(cancel):
+            return self._recognize(pcm, language, spec, cancel)
+
+    def _recognize(self, pcm, language, spec, cancel):
+        model = self.load(spec)
+        results = _run_recognizer(model, pcm, cancel)
         duration = len(pcm) / (audio_mod.SAMPLE_WIDTH * audio_mod.SAMPLE_RATE)
         words = _clean_words(results, duration)
         segments = _segments(results, words)
@@ -299,7 +304,10 @@ class SpeechToText:
         return Transcript(text=text, language=language or spec.language,
                           duration=round(duration, 3), segments=segments, words=words)
 
-    def _acquire(self, cancel):
+    @contextlib.contextmanager
+    def _slot(self, cancel):
+        """Wait (checking `cancel`) for one of MAX_ACTIVE slots; Busy when
+        MAX_WAITING requests are already waiting."""
         with self._lock:
             if self._waiting >= MAX_WAITING:
                 raise Busy("too many transcriptions waiting; retry shortly", retry_after=2)
@@ -308,12 +316,15 @@ class SpeechToText:
             while not self._slots.acquire(timeout=WAIT_POLL_S):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled()
-            if cancel is not None and cancel.is_set():
-                self._slots.release()
-                raise Cancelled()
         finally:
             with self._lock:
                 self._waiting -= 1
+        try:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()              # the client left while we waited
+            yield
+        finally:
+            self._slots.release()
 
 
 def _run_recognizer(model, pcm, cancel):

@@ -433,3 +433,44 @@ def test_recognizer_stops_between_chunks_when_cancelled(speech):
     assert ev.checks == 4                     # stopped at the first check after it was set
     t = engine.recognize(pcm, "ko")           # the shared model still works
     assert t.text and t.duration == round(len(pcm) / 32000, 3)
+
+
+def test_slots_bound_work_and_waiters(monkeypatch):
+    import threading as th
+    from engines import stt, Busy
+    monkeypatch.setattr(stt, "MAX_ACTIVE", 1)
+    monkeypatch.setattr(stt, "MAX_WAITING", 1)
+    monkeypatch.setattr(stt, "WAIT_POLL_S", 0.01)
+    engine = stt.SpeechToText()
+    release, entered, outcome = th.Event(), th.Event(), []
+
+    def holder():
+        with engine._slot(None):
+            entered.set()
+            release.wait(10)
+    h = th.Thread(target=holder)
+    h.start()
+    assert entered.wait(10)
+    gone = th.Event()
+
+    def waiter():
+        try:
+            with engine._slot(gone):
+                outcome.append("ran")
+        except stt.Cancelled:
+            outcome.append("cancelled")
+    w = th.Thread(target=waiter)
+    w.start()
+    deadline = time.monotonic() + 10
+    while engine._waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(Busy):                     # one running, one waiting: full
+        with engine._slot(None):
+            pass
+    gone.set()                                    # the waiting client leaves: it never runs
+    w.join(10)
+    release.set()
+    h.join(10)
+    assert outcome == ["cancelled"]
+    with engine._slot(None):                      # and the slot is free again
+        pass
