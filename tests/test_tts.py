@@ -85,7 +85,9 @@ def wav_samples(data):
 def pcm_samples(data):
     assert len(data) % 2 == 0, "s16le mono needs whole samples"
     samples = array.array("h")
-    samples.frombytes(data)     # little-endian: this machine's order
+    samples.frombytes(data)
+    if sys.byteorder == "big":  # the data is little-endian
+        samples.byteswap()
     return samples
 
 
@@ -202,7 +204,6 @@ def test_voices_endpoint_lists_distinct_voices_that_speech_accepts(server):
         assert seed_voice in ids
     audio = {vid: speech(server, "Testing one two three.", voice=vid, response_format="pcm")[1] for vid in ids}
     assert len(set(audio.values())) == len(ids), "two voices gave identical audio"
-    assert len(audio["alloy"]) != len(audio["onyx"]) or audio["alloy"] != audio["onyx"]
 
 
 def test_voice_names_are_case_insensitive(server):
