@@ -3,6 +3,7 @@
 OWNER: vlm helper (issue 5). Knows nothing of HTTP requests; raises engines errors.
 
     load(source, media_dir=None, allow_urls=False, cancel=None) -> bytes
+    load_all(sources, ...) -> [bytes]    the images of one request (one time budget)
     check_count(n)                       BadInput past MAX_IMAGES
     validate(data) -> (format, width, height)
 
@@ -68,7 +69,20 @@ def check_count(n):
                        param="images")
 
 
-def load(source, media_dir=None, allow_urls=False, cancel=None):
+def load_all(sources, media_dir=None, allow_urls=False, cancel=None):
+    """Validated bytes of every source, in order; URL fetches share one
+    FETCH_TIMEOUT between them (a request's images cannot take 8x the bound)."""
+    check_count(len(sources))
+    deadline = time.monotonic() + FETCH_TIMEOUT
+    out = []
+    for src in sources:
+        if cancel is not None and cancel.is_set():
+            raise BadInput("cancelled")
+        out.append(load(src, media_dir, allow_urls, cancel, deadline=deadline))
+    return out
+
+
+def load(source, media_dir=None, allow_urls=False, cancel=None, deadline=None):
     """Bytes of one validated image named by ``source`` (see the module docstring)."""
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
@@ -76,14 +90,14 @@ def load(source, media_dir=None, allow_urls=False, cancel=None):
         raise BadInput("an image must be a string (data URL, base64, URL or path)",
                        param="images")
     else:
-        data = _fetch(source.strip(), media_dir, allow_urls, cancel)
+        data = _fetch(source.strip(), media_dir, allow_urls, cancel, deadline)
     if len(data) > MAX_IMAGE_BYTES:
         raise TooLarge("image is %d bytes; the limit is %d" % (len(data), MAX_IMAGE_BYTES))
     validate(data)
     return data
 
 
-def _fetch(s, media_dir, allow_urls, cancel):
+def _fetch(s, media_dir, allow_urls, cancel, deadline=None):
     low = s[:16].lower()
     if low.startswith("data:"):
         return _data_url(s)
@@ -91,7 +105,8 @@ def _fetch(s, media_dir, allow_urls, cancel):
         if not allow_urls:
             raise BadInput("image URLs are disabled on this server (start it with "
                            "--allow-image-urls to fetch http(s) images)", param="images")
-        return fetch_url(s, cancel=cancel)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return fetch_url(s, cancel=cancel, timeout=timeout)
     if low.startswith("file:"):
         return _read_path(unquote(urlsplit(s).path), media_dir, s)
     if "://" in s[:32] and len(s) < MAX_SOURCE_PATH:
@@ -203,6 +218,9 @@ def fetch_url(url, cancel=None, timeout=None, limit=MAX_IMAGE_BYTES):
     import http.client
     import socket
     timeout = FETCH_TIMEOUT if timeout is None else timeout
+    if timeout <= 0:
+        raise BadInput("image URLs took longer than %g s in all; refused" % FETCH_TIMEOUT,
+                       param="image_url")
     deadline = time.monotonic() + timeout
     origin = _origin(url)
     for _ in range(MAX_REDIRECTS + 1):

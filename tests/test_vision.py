@@ -495,6 +495,17 @@ class _ImageSite:
                             self.wfile.write(b"\0" * 65536)
                     except OSError:
                         pass
+                elif self.path.startswith("/medium"):        # whole image in ~1 s
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(image)))
+                    self.end_headers()
+                    try:
+                        self.wfile.write(image[:100])
+                        self.wfile.flush()
+                        time.sleep(1.0)
+                        self.wfile.write(image[100:])
+                    except OSError:
+                        pass
                 elif self.path == "/slow":
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(image)))
@@ -564,6 +575,12 @@ def test_url_fetch_is_bounded(srv_open, site):
     t0 = time.monotonic()
     assert_400(*generate_image(srv_open, site.url("/slow")), "longer than")
     assert time.monotonic() - t0 < 8          # LOCALAI_IMAGE_FETCH_TIMEOUT=1.5 here
+    # the bound is per request, not per image: one 1 s image fits, two do not
+    assert generate_image(srv_open, site.url("/medium1"))[0] == 200
+    status, obj = post(srv_open, "/api/generate", {
+        "model": VLM, "prompt": "x", "stream": False,
+        "images": [site.url("/medium1"), site.url("/medium2")]})
+    assert_400(status, obj, "longer than")
 
 
 # ---------------------------------------------------------------------------
