@@ -110,8 +110,14 @@ def ensure_default(models_dir, progress=None):
     src = embedded_gguf()
     if src is None:
         return None
+    from . import BadInput
     from .gguf import import_gguf
-    return import_gguf(src, models_dir, name=EMBEDDED_NAME, progress=progress)
+    try:
+        return import_gguf(src, models_dir, name=EMBEDDED_NAME, progress=progress)
+    except BadInput:
+        if (Path(models_dir) / EMBEDDED_NAME / "config.json").is_file():
+            return None           # a concurrent first start won the race: fine
+        raise
 
 
 # --- facts -----------------------------------------------------------------------

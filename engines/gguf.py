@@ -627,7 +627,12 @@ def import_gguf(src, dest_dir, name=None, progress=None):
                             metadata={"format": "mlx"})
         del weights
         os.chmod(tmp, 0o755)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if final.exists():    # another process imported the same name meanwhile
+                raise BadInput(f"model '{name}' already exists", param="name") from None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -372,6 +372,26 @@ def test_first_start_imports_default_once(start_server, tmp_path):
     assert [m["name"] for m in _req(second, "GET", "/api/tags")[1]["models"]] == [EMBEDDED_NAME]
 
 
+def test_concurrent_first_starts_import_once(tmp_path):
+    import threading
+    from engines.catalog import ensure_default
+    store, results, errors = tmp_path / "store", [], []
+
+    def run():
+        try:
+            results.append(ensure_default(store))
+        except Exception as e:          # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and sum(r is not None for r in results) >= 1
+    assert sorted(p.name for p in store.iterdir()) in ([EMBEDDED_NAME], [".digests.json", EMBEDDED_NAME])
+    assert ensure_default(store) is None                               # installed: nothing to do
+
+
 def test_no_auto_import_when_a_model_exists(start_server, tmp_path, hf_cache):
     store = tmp_path / "store"
     s = start_server(env={"LOCALAI_MODELS_DIR": str(store), "LOCALAI_NO_AUTO_IMPORT": "0",
