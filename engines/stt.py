@@ -471,6 +471,7 @@ def pull(language, dest=None, progress=print):
     dest.mkdir(parents=True, exist_ok=True)
     url = entry.get("url") or pre_url + name + ".zip"
     part = dest / (name + ".zip.part")
+    tmp = dest / (name + ".extracting")
     md5 = hashlib.md5()
     try:
         with urllib.request.urlopen(url, timeout=PULL_TIMEOUT_S) as r, open(part, "wb") as f:
@@ -488,22 +489,23 @@ def pull(language, dest=None, progress=print):
                     shown = pct
         if entry.get("md5") and md5.hexdigest() != entry["md5"]:
             raise Unavailable(f"{name}: checksum mismatch; download again")
-        tmp = dest / (name + ".extracting")
         shutil.rmtree(tmp, ignore_errors=True)
         with zipfile.ZipFile(part) as z:
             for info in z.infolist():      # refuse absolute paths and '..'
                 p = Path(info.filename)
                 if p.is_absolute() or ".." in p.parts:
                     raise Unavailable(f"{name}: unsafe path in the archive")
+            if sum(i.file_size for i in z.infolist()) > 2 * MAX_MODEL_BYTES:   # a zip bomb
+                raise Unavailable(f"{name}: the archive unpacks to more than {2 * MAX_MODEL_BYTES} bytes")
             z.extractall(tmp)
         root = _model_root(tmp) or _model_root(tmp / name)
         if root is None:
             raise Unavailable(f"{name}: the archive holds no vosk model")
         root.rename(target)
-        shutil.rmtree(tmp, ignore_errors=True)
     except (OSError, zipfile.BadZipFile) as e:
         raise Unavailable(f"downloading {url} failed: {getattr(e, 'reason', e)}") from None
     finally:
         part.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     progress(f"installed {name} ({chosen.language}) in {dest}")
     return target

@@ -3,6 +3,7 @@ to every extension the seed lists, transcribed by a real server (vosk with the
 installed Korean model) through the `openai` package; plus the engine's model
 discovery, language matching, audio decoding and cancellation.
 """
+import functools
 import http.client
 import io
 import json
@@ -474,3 +475,59 @@ def test_slots_bound_work_and_waiters(monkeypatch):
     assert outcome == ["cancelled"]
     with engine._slot(None):                      # and the slot is free again
         pass
+
+
+def test_pull_downloads_checks_and_installs_from_vosk_list(tmp_path, monkeypatch):
+    """pull() against a local copy of vosk's model site: list, zip, md5, unpack."""
+    import hashlib
+    import http.server
+    import zipfile
+    import vosk
+    from engines import stt, Unavailable
+    site = tmp_path / "site"
+    site.mkdir()
+
+    def make_zip(name, members):
+        with zipfile.ZipFile(site / (name + ".zip"), "w") as z:
+            for member in members:
+                z.writestr(member, "x")
+        return hashlib.md5((site / (name + ".zip")).read_bytes()).hexdigest()
+    good = "vosk-model-small-xx-0.1"
+    md5 = make_zip(good, [good + "/am/final.mdl", good + "/conf/model.conf"])
+    evil = "vosk-model-small-yy-0.1"
+    evil_md5 = make_zip(evil, ["../../escaped.txt", evil + "/am/final.mdl"])
+    make_zip("vosk-model-small-zz-0.1", ["vosk-model-small-zz-0.1/am/final.mdl"])
+    make_zip("vosk-model-small-ww-0.1", ["README"])
+    (site / "model-list.json").write_text(json.dumps([
+        {"lang": "xx", "name": "vosk-model-xx-0.9", "type": "big", "obsolete": "false"},
+        {"lang": "xx", "name": good, "type": "small", "obsolete": "false", "md5": md5},
+        {"lang": "yy", "name": evil, "type": "small", "obsolete": "false", "md5": evil_md5},
+        {"lang": "zz", "name": "vosk-model-small-zz-0.1", "type": "small", "obsolete": "false", "md5": "0" * 32},
+        {"lang": "ww", "name": "vosk-model-small-ww-0.1", "type": "small", "obsolete": "false"},
+    ]))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    monkeypatch.setattr(http.server.SimpleHTTPRequestHandler, "log_message", lambda *a: None)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = "http://127.0.0.1:%d/" % httpd.server_address[1]
+    monkeypatch.setattr(vosk, "MODEL_PRE_URL", base)
+    monkeypatch.setattr(vosk, "MODEL_LIST_URL", base + "model-list.json")
+    for var in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    dest = tmp_path / "cache"
+    try:
+        path = stt.pull("xx-XX", dest=dest, progress=lambda m: None)
+        assert path == dest / good and stt.is_model_dir(path)
+        assert [m.language for m in stt.discover([], cache_dirs=[dest]) if m.source == "cache"] == ["xx"]
+        with pytest.raises(Unavailable, match="unsafe path"):
+            stt.pull("yy", dest=dest, progress=lambda m: None)
+        with pytest.raises(Unavailable, match="checksum"):
+            stt.pull("zz", dest=dest, progress=lambda m: None)
+        with pytest.raises(Unavailable, match="holds no vosk model"):
+            stt.pull("ww", dest=dest, progress=lambda m: None)
+        with pytest.raises(Exception, match="has no model"):
+            stt.pull("qq", dest=dest, progress=lambda m: None)
+    finally:
+        httpd.shutdown()
+    assert not (tmp_path / "escaped.txt").exists() and not list(tmp_path.rglob("escaped.txt"))
+    assert sorted(p.name for p in dest.iterdir()) == [good]     # no partial files left
