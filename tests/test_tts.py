@@ -463,3 +463,19 @@ def test_every_language_and_voice_variant_loads_in_espeak():
     out = subprocess.run([sys.executable, "-c", code, json.dumps(names)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [], "espeak-ng does not know these voices"
+
+
+def test_encoder_failure_mid_stream_truncates_the_body(server):
+    """Audio cut short must not arrive as a complete file with a clean chunked end."""
+    body = json.dumps({"model": "tts-1", "input": "A long text to speak slowly. " * 140,
+                       "voice": "verse", "speed": 0.25, "response_format": "mp3"}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/audio/speech", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read(1000)
+    (encoder,) = _encoders_with(server.proc.pid, b"atempo")
+    os.kill(encoder, 9)
+    with pytest.raises(http.client.IncompleteRead):
+        resp.read()
+    conn.close()
+    assert speech(server, "Still here.", response_format="pcm")[1]
