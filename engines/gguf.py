@@ -46,7 +46,7 @@ from . import BadInput
 MAX_GGUF_KV = 100_000          # metadata entries; real files have ~40
 MAX_GGUF_TENSORS = 100_000     # a 405B llama has ~1,100
 MAX_GGUF_STRING = 16 << 20     # one string (chat templates are a few KB)
-MAX_GGUF_ARRAY = 16 << 20      # one array (vocabularies are ~50k-260k entries)
+MAX_GGUF_ARRAY = 4 << 20       # one array (vocabularies ~50k-260k entries, merges <1M)
 MAX_GGUF_DIMS = 4              # ggml tensors have at most 4 dimensions
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}$")  # model ids: one safe path segment
 
@@ -348,6 +348,30 @@ def _build_config(md, arch, tensors, quant):
     return cfg
 
 
+def _bpe_tokenizer(md, vocab):
+    """A byte-level BPE vocabulary (tokenizer.ggml.model "gpt2") with the
+    pre-tokenizer llama.cpp uses for its `tokenizer.ggml.pre` name."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    pre = md.get("tokenizer.ggml.pre", "default")
+    if pre in ("llama-bpe", "llama3", "qwen2"):
+        regex = QWEN2_REGEX if pre == "qwen2" else LLAMA3_REGEX
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre in ("smollm", "starcoder", "refact"):
+        # the GPT-2 split with every digit on its own (llama.cpp's "smollm" regex)
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
 def _spm_tokenizer(md, tokens, vocab):
     """A SentencePiece-BPE vocabulary (tokenizer.ggml.model "llama": Llama 2,
     TinyLlama, Mistral) as a `tokenizers` BPE, the way transformers converts one:
@@ -381,38 +405,15 @@ def _spm_tokenizer(md, tokens, vocab):
 
 def _build_tokenizer(md):
     """tokenizer.json (a `tokenizers.Tokenizer`) + tokenizer_config dict."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
-    from tokenizers import pre_tokenizers, processors
+    from tokenizers import AddedToken, processors
 
     tokens = md["tokenizer.ggml.tokens"]
     types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     vocab = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
-    pre = md.get("tokenizer.ggml.pre", "default")
-    if md.get("tokenizer.ggml.model") == "llama":
-        tk = _spm_tokenizer(md, tokens, vocab)
-    else:
-        merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                                  byte_fallback=False))
-    if md.get("tokenizer.ggml.model") == "llama":
-        pass                             # normalizer and decoder set by _spm_tokenizer
-    elif pre in ("llama-bpe", "llama3", "qwen2"):
-        regex = QWEN2_REGEX if pre == "qwen2" else LLAMA3_REGEX
-        tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif pre in ("smollm", "starcoder", "refact"):
-        # the GPT-2 split with every digit on its own (llama.cpp's "smollm" regex)
-        tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    else:
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                    use_regex=True)
-    if md.get("tokenizer.ggml.model") != "llama":
-        tk.decoder = decoders.ByteLevel()
+    spm = md.get("tokenizer.ggml.model") == "llama"
+    tk = _spm_tokenizer(md, tokens, vocab) if spm else _bpe_tokenizer(md, vocab)
     # CONTROL (3) and UNKNOWN (2) tokens are special; USER_DEFINED (4) are added text
     special = [AddedToken(tokens[i], special=True, normalized=False)
                for i, t in enumerate(types) if t in (2, 3)]
@@ -427,13 +428,14 @@ def _build_tokenizer(md):
         i = md.get(f"tokenizer.ggml.{'unknown' if key == 'unk' else key}_token_id")
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
-    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False)) and tok("bos")
+    # llama.cpp adds BOS by default for SentencePiece vocabularies, not for BPE ones
+    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", spm)) and tok("bos")
     if add_bos:
         bos, bos_id = tok("bos"), md["tokenizer.ggml.bos_token_id"]
         tk.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
             special_tokens=[(bos, bos_id)])
-    else:
+    elif not spm:
         tk.post_processor = processors.ByteLevel(trim_offsets=False)
     tcfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -3,7 +3,6 @@ tokenizer reproduces the GGUF vocabulary, tiny llamas written by this file in ev
 supported tensor type give the logits of a reference model, and unsupported files
 are refused with nothing left behind."""
 import json
-import os
 import struct
 import subprocess
 import sys
