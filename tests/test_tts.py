@@ -479,3 +479,13 @@ def test_encoder_failure_mid_stream_truncates_the_body(server):
         resp.read()
     conn.close()
     assert speech(server, "Still here.", response_format="pcm")[1]
+
+
+def test_time_limit_kills_the_encoder(monkeypatch):
+    monkeypatch.setattr(tts, "JOB_TIMEOUT_S", 0.3)
+    req = tts.check("A long text to speak slowly. " * 140, "ash", 0.25, "mp3")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="did not finish"):
+        tts.synthesize(req)
+    assert time.monotonic() - started < 3
+    assert not _encoders_with(os.getpid(), b"atempo"), "the timed-out ffmpeg is still running"
