@@ -233,3 +233,31 @@ def test_model_that_fails_to_load_gives_a_clear_error_and_the_next_request_works
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     conn.request("GET", "/status")
     assert json.loads(conn.getresponse().read())["status"] == "Running"
+
+
+def test_engine_failure_mid_generation_is_clean_and_the_next_request_works(models_dir):
+    """In-process (a real model, a real batch): MLX failing between tokens fails
+    that request with EngineFailure (a 500, in-band once streaming) and the engine
+    starts a fresh batch, so the next request gives the normal answer."""
+    from engines import llm
+    from engines.catalog import Catalog
+    info = Catalog(models_dir).resolve(MODEL)
+
+    def request():
+        return llm.GenRequest(model=info, prompt=COUNTING, max_tokens=6, temperature=0)
+    good = "".join(c.text for c in llm.generate(request()))
+    batch = llm._SCHED.models[MODEL].gen
+    real_next, calls = batch.next, []
+
+    def failing_next():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated MLX failure")
+        return real_next()
+    batch.next = failing_next
+    with pytest.raises(llm.EngineFailure):
+        for _ in llm.generate(request()):
+            pass
+    assert llm._SCHED.models[MODEL].gen is not batch          # a fresh batch replaced it
+    assert "".join(c.text for c in llm.generate(request())) == good
+    assert llm.stats()["engine_failures"] == 1
