@@ -33,6 +33,7 @@ Only images in user messages are accepted (as in OpenAI's API); a raw prompt
 has no place for the model's image markers.
 """
 import dataclasses
+import hashlib
 import os
 import queue
 import threading
@@ -176,6 +177,9 @@ class _Resident:
         self.busy = False
         self.setup_info = {}
         self.detokenizer = None
+        self.n_tokens = 0                # ids the tokenizer knows (the embedding may be padded)
+        self.cache_state = None          # mlx-vlm PromptCacheState of the last conversation
+        self.cache_images = []           # sha256 of the images inside it, in order
 
 
 _WORKER = None
@@ -295,6 +299,11 @@ class _Worker:
         m = _Resident(info, model, processor, time.perf_counter() - t0)
         m.setup_info = setup_info
         m.detokenizer = _detokenizer_prototype(processor)
+        try:
+            tok = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+            m.n_tokens = len(tok)
+        except TypeError:
+            m.n_tokens = 0
         with self.cv:
             self.models[info.id] = m
         return m
@@ -342,19 +351,24 @@ class _Worker:
         job.out.put(_PREPARED)
 
         import copy
-        from mlx_vlm.generate import generate_step
+        from mlx_vlm.generate import PromptCacheState, stream_generate
         proc = m.processor
-        tok = proc.tokenizer if hasattr(proc, "tokenizer") else proc
-        eos = set(_eos_ids(m, tok))
         det = copy.copy(m.detokenizer)
         det.reset()
         stops = [s for s in req.stop if s]
-        input_ids = inputs.pop("input_ids")
-        pixel_values = inputs.pop("pixel_values", None)
-        mask = inputs.pop("attention_mask", None)
-        gen = generate_step(
-            input_ids, m.model, pixel_values, mask, max_tokens=max_tokens,
-            sampler=_llm._make_sampler(req),
+        # Prompt cache: the KV of the last conversation is reused for the part of
+        # the new prompt that repeats it (mlx-vlm's PromptCacheState: text-only
+        # suffix, mRoPE primed). Token ids alone cannot tell two same-sized images
+        # apart, so the images themselves must match too, or the cache is dropped.
+        digests = [hashlib.sha256(b).hexdigest() for b in req.images]
+        if m.cache_state is None or m.cache_images[:len(digests)] != digests:
+            m.cache_state, m.cache_images = PromptCacheState(), []
+        gen = stream_generate(
+            m.model, proc, "", input_ids=inputs.pop("input_ids"),
+            pixel_values=inputs.pop("pixel_values", None),
+            mask=inputs.pop("attention_mask", None), prompt_cache_state=m.cache_state,
+            max_tokens=max_tokens, sampler=_llm._make_sampler(req),
+            logits_processors=[_mask_padding(m.n_tokens)] if m.n_tokens else None,
             repetition_penalty=req.repetition_penalty,
             repetition_context_size=req.repetition_context_size or 1,
             presence_penalty=req.presence_penalty or None,
@@ -363,21 +377,23 @@ class _Worker:
             frequency_context_size=req.repetition_context_size or 1,
             prefill_step_size=PREFILL_STEP, **inputs)
 
-        n_out, held, reason, t_first, hit_stop = 0, "", "length", None, False
+        n_out, held, reason, t_first, hit_stop, cached = 0, "", "length", None, False, 0
+        completed = False
         try:
-            for token, _logprobs in gen:
+            for r in gen:
+                if r.finish_reason is not None:  # mlx-vlm's extra last result: no new token
+                    reason = "stop" if r.finish_reason == "stop" else "length"
+                    continue                     # (resuming lets it store the cache)
                 if t_first is None:
                     t_first = time.perf_counter()
+                cached = r.cached_tokens or 0
                 if job.cancelled():
                     self.counters["cancelled"] += 1
                     return
-                if token in eos:
-                    reason = "stop"
-                    break
                 n_out += 1
                 self.counters["tokens_generated"] += 1
                 try:
-                    det.add_token(token)
+                    det.add_token(r.token)
                 except (IndexError, KeyError, TypeError):
                     pass    # an id in the embedding's padding, outside the tokenizer: no text
                 held += det.last_segment
@@ -391,9 +407,13 @@ class _Worker:
                     _emit(job, held[:safe])
                     held = held[safe:]
             else:
-                reason = "length"
+                completed = True
         finally:
             gen.close()
+            if completed:
+                m.cache_images = digests
+            else:   # stopped early: the cache holds tokens its state does not know
+                m.cache_state, m.cache_images = None, []
         if not hit_stop:                  # flush what the detokenizer still holds
             det.finalize()
             held += det.last_segment
@@ -404,7 +424,7 @@ class _Worker:
         now = time.perf_counter()
         first = t_first or now
         job.out.put(Chunk(done=True, finish_reason=reason, prompt_tokens=n_prompt,
-                          completion_tokens=n_out, load_seconds=job.load_seconds,
+                          completion_tokens=n_out, cached_tokens=cached, load_seconds=job.load_seconds,
                           prompt_seconds=max(0.0, first - t_admit),
                           generate_seconds=max(0.0, now - first)))
 
@@ -442,6 +462,25 @@ def _ensure():
         _setup_done = True
 
 
+def _mask_padding(n_tokens):
+    """A logits processor that never lets an id past the tokenizer's vocabulary win:
+    checkpoints pad the embedding (Qwen2-VL: 151936 rows, 151657 tokens), and such
+    an id has no text (mlx-vlm's detokenizer fails on it)."""
+    import mlx.core as mx
+    masks = {}
+
+    def mask(tokens, logits):
+        width = logits.shape[-1]
+        if width <= n_tokens:
+            return logits
+        add = masks.get(width)
+        if add is None:
+            add = masks[width] = mx.concatenate(
+                [mx.zeros((n_tokens,)), mx.full((width - n_tokens,), -mx.inf)]).astype(logits.dtype)
+        return logits + add
+    return mask
+
+
 def _detokenizer_prototype(processor):
     """mlx-lm's streaming detokenizer of the same kind mlx-vlm chose, on the
     processor's own tokenizer: text streams exactly as it does for text models
@@ -464,16 +503,6 @@ def _context_length(info):
     text = cfg.get("text_config") or {}
     return int(info.context_length or cfg.get("max_position_embeddings")
                or text.get("max_position_embeddings") or _llm.DEFAULT_CONTEXT)
-
-
-def _eos_ids(m, tok):
-    crit = getattr(tok, "stopping_criteria", None) or getattr(m.processor,
-                                                              "stopping_criteria", None)
-    ids = list(getattr(crit, "eos_token_ids", None) or [])
-    if not ids:
-        e = getattr(tok, "eos_token_id", None)
-        ids = [e] if isinstance(e, int) else list(e or [])
-    return ids
 
 
 def _prepare(m, req):

@@ -286,6 +286,33 @@ def test_second_architecture_paligemma(srv):
     assert "vision" in (client.show(PALI).capabilities or [])
 
 
+def test_prompt_cache_reuses_a_conversation_only_with_the_same_pixels(srv):
+    """Turn 2 of a conversation reuses turn 1's KV (cached_tokens > 0) and says
+    what a fresh computation says; the same text with another image of the same
+    size (identical token ids!) must not reuse it."""
+    client = oa(srv)
+
+    def turn2(first_image, answer):
+        return client.chat.completions.create(model=VLM, temperature=0, max_tokens=8, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": data_url(first_image)}}]},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "Tell me more."}])
+    cached = lambda r: (r.usage.prompt_tokens_details.cached_tokens
+                        if r.usage.prompt_tokens_details else 0) or 0
+    status, one = chat_image(srv, data_url(png(11)), text="What is this?", max_tokens=8)
+    answer = one["choices"][0]["message"]["content"]
+    warm = turn2(png(11), answer)
+    assert cached(warm) > TOKENS_32
+    other = turn2(png(12), answer)                  # same ids, other pixels
+    assert cached(other) == 0
+    chat_image(srv, data_url(png(13)), max_tokens=2)  # something else in between
+    fresh = turn2(png(11), answer)
+    assert cached(fresh) == 0
+    assert fresh.choices[0].message.content == warm.choices[0].message.content
+    assert fresh.usage.prompt_tokens == warm.usage.prompt_tokens
+
+
 def test_streaming_with_image(srv):
     client = oa(srv)
     kwargs = dict(model=VLM, temperature=0, max_tokens=10, messages=[{"role": "user", "content": [
