@@ -106,24 +106,37 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)$")
 
 
 # --- GGUF header reader ----------------------------------------------------------
+_U64 = struct.Struct("<Q")
+
+
 class _Reader:
-    def __init__(self, f):
-        self.f = f
+    """Cursor over the mapped file; every read is bounds-checked."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
 
     def take(self, n):
-        b = self.f.read(n)
-        if len(b) != n:
+        if self.pos + n > len(self.buf):
             raise BadInput("not a valid GGUF file (truncated header)")
-        return b
+        self.pos += n
+        return self.buf[self.pos - n:self.pos]
 
     def unpack(self, fmt):
-        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))[0]
+        st = struct.Struct("<" + fmt)
+        return st.unpack(self.take(st.size))[0]
 
-    def string(self):
-        n = self.unpack("Q")
-        if n > MAX_GGUF_STRING:
-            raise BadInput("not a valid GGUF file (string too long)")
-        return self.take(n).decode("utf-8", errors="replace")
+    def strings(self, n):
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        for _ in range(n):
+            if pos + 8 > end:
+                raise BadInput("not a valid GGUF file (truncated header)")
+            (k,) = _U64.unpack_from(buf, pos)
+            if k > MAX_GGUF_STRING or pos + 8 + k > end:
+                raise BadInput("not a valid GGUF file (bad string)")
+            out.append(str(buf[pos + 8:pos + 8 + k], "utf-8", "replace"))
+            pos += 8 + k
+        self.pos = pos
+        return out
 
     _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
                 10: "Q", 11: "q", 12: "d"}
@@ -132,15 +145,16 @@ class _Reader:
         if vtype in self._SCALARS:
             return self.unpack(self._SCALARS[vtype])
         if vtype == 8:
-            return self.string()
+            return self.strings(1)[0]
         if vtype == 9 and depth == 0:
             itype, n = self.unpack("I"), self.unpack("Q")
             if n > MAX_GGUF_ARRAY:
                 raise BadInput("not a valid GGUF file (array too long)")
+            if itype == 8:
+                return self.strings(n)
             if itype in self._SCALARS and itype != 7:
                 fmt = self._SCALARS[itype]
-                return list(struct.unpack(f"<{n}{fmt}",
-                                          self.take(n * struct.calcsize(fmt))))
+                return list(struct.unpack(f"<{n}{fmt}", self.take(n * struct.calcsize(fmt))))
             return [self.value(itype, depth + 1) for _ in range(n)]
         raise BadInput(f"not a valid GGUF file (unknown value type {vtype})")
 
@@ -152,34 +166,38 @@ def read_header(path, offsets=False):
     plus {name: absolute file offset of its data} when `offsets` is true.
     Raises BadInput if the file is not GGUF (or a GGUF version we do not read).
     """
+    import mmap
     with open(path, "rb") as f:
-        r = _Reader(f)
-        if f.read(4) != b"GGUF":
-            raise BadInput("not a GGUF file (bad magic)")
-        version = r.unpack("I")
-        if version not in (2, 3):
-            raise BadInput(f"unsupported GGUF version {version} (supported: 2, 3)")
-        n_tensors, n_kv = r.unpack("Q"), r.unpack("Q")
-        if n_tensors > MAX_GGUF_TENSORS or n_kv > MAX_GGUF_KV:
-            raise BadInput("not a valid GGUF file (implausible counts)")
-        md = {}
-        for _ in range(n_kv):
-            key = r.string()
-            md[key] = r.value(r.unpack("I"))
-        tensors, where = {}, {}
-        for _ in range(n_tensors):
-            name = r.string()
-            nd = r.unpack("I")
-            if nd > MAX_GGUF_DIMS:
-                raise BadInput("not a valid GGUF file (too many dimensions)")
-            dims = [r.unpack("Q") for _ in range(nd)]
-            ttype = r.unpack("I")
-            where[name] = r.unpack("Q")
-            tensors[name] = (tuple(reversed(dims)), ttype)
-        align = md.get("general.alignment", 32)
-        if not isinstance(align, int) or align <= 0:
-            raise BadInput("not a valid GGUF file (bad alignment)")
-        start = -(-f.tell() // align) * align
+        if os.fstat(f.fileno()).st_size < 24:
+            raise BadInput("not a GGUF file (too short)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            r = _Reader(buf)
+            if r.take(4) != b"GGUF":
+                raise BadInput("not a GGUF file (bad magic)")
+            version = r.unpack("I")
+            if version not in (2, 3):
+                raise BadInput(f"unsupported GGUF version {version} (supported: 2, 3)")
+            n_tensors, n_kv = r.unpack("Q"), r.unpack("Q")
+            if n_tensors > MAX_GGUF_TENSORS or n_kv > MAX_GGUF_KV:
+                raise BadInput("not a valid GGUF file (implausible counts)")
+            md = {}
+            for _ in range(n_kv):
+                key = r.strings(1)[0]
+                md[key] = r.value(r.unpack("I"))
+            tensors, where = {}, {}
+            for _ in range(n_tensors):
+                name = r.strings(1)[0]
+                nd = r.unpack("I")
+                if nd > MAX_GGUF_DIMS:
+                    raise BadInput("not a valid GGUF file (too many dimensions)")
+                dims = [r.unpack("Q") for _ in range(nd)]
+                ttype = r.unpack("I")
+                where[name] = r.unpack("Q")
+                tensors[name] = (tuple(reversed(dims)), ttype)
+            align = md.get("general.alignment", 32)
+            if not isinstance(align, int) or align <= 0:
+                raise BadInput("not a valid GGUF file (bad alignment)")
+            start = -(-r.pos // align) * align
     if offsets:
         return md, tensors, {k: start + v for k, v in where.items()}
     return md, tensors
@@ -273,14 +291,14 @@ def quantization_label(md, tensors):
     return GGML_TYPE_NAMES.get(best, f"type {best}")
 
 
-def _llama3_rope(src, md, arch, tensors):
+def _llama3_rope(src, md, arch, tensors, offsets):
     """Llama 3.x GGUFs carry their RoPE scaling as a `rope_freqs` tensor (one factor
     per rotary pair) rather than as parameters. mlx-lm wants the parameters, so we
     find the ones that reproduce the tensor (llama.cpp's converter formula) and
     refuse the file if none does."""
     import numpy as np
     dims, ttype = tensors[ROPE_FREQS]
-    factors = _decode(src, read_header(src, offsets=True)[2][ROPE_FREQS], dims, ttype)[1]
+    factors = _decode(src, offsets[ROPE_FREQS], dims, ttype)[1]
     factors = np.asarray(factors, np.float64).reshape(-1)
     head_dim = int(_get(md, arch, "rope.dimension_count", 0, required=False)) or \
         int(_get(md, arch, "embedding_length")) // int(_get(md, arch, "attention.head_count"))
@@ -536,18 +554,24 @@ def _decode(src, offset, dims, ttype):
 
 
 def _pack(codes, bits):
-    """uint8 codes [rows, n] -> MLX packing: uint32 [rows, n*bits/32], first value lowest."""
+    """uint8 codes [rows, n] -> MLX packing: uint32 [rows, n*bits/32], first value in
+    the lowest bits (on a little-endian host that is byte order, so 8-bit codes are
+    a plain view and 4-bit codes pair up into bytes)."""
+    import sys
     import numpy as np
-    per = 32 // bits
-    q = codes.astype(np.uint32).reshape(codes.shape[0], -1, per)
-    return (q << (bits * np.arange(per, dtype=np.uint32))).sum(axis=2, dtype=np.uint32)
+    if sys.byteorder != "little":
+        per = 32 // bits
+        q = codes.astype(np.uint32).reshape(codes.shape[0], -1, per)
+        return (q << (bits * np.arange(per, dtype=np.uint32))).sum(axis=2, dtype=np.uint32)
+    if bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return np.ascontiguousarray(codes, dtype=np.uint8).view(np.uint32)
 
 
-def _convert_weights(src, tensors, progress):
+def _convert_weights(src, tensors, offsets, progress):
     """Read every tensor, rename to mlx-lm paths, derive per-layer quantization."""
     import mlx.core as mx
 
-    offsets = read_header(src, offsets=True)[2]
     out, per_layer = {}, {}
     names = sorted(t for t in tensors if t != ROPE_FREQS)
     for i, tname in enumerate(names):
@@ -608,7 +632,7 @@ def import_gguf(src, dest_dir, name=None, progress=None):
             progress(frac, msg)
 
     step(0.0, "reading GGUF header")
-    md, tensors = read_header(src)
+    md, tensors, offsets = read_header(src, offsets=True)
     arch = _check(md, tensors)
     dest_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=dest_dir))
@@ -618,10 +642,10 @@ def import_gguf(src, dest_dir, name=None, progress=None):
         tk.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2))
         step(0.1, "loading tensors")
-        weights, quant = _convert_weights(src, tensors, progress)
+        weights, quant = _convert_weights(src, tensors, offsets, progress)
         cfg = _build_config(md, arch, tensors, quant)
         if ROPE_FREQS in tensors:
-            cfg["rope_scaling"] = _llama3_rope(src, md, arch, tensors)
+            cfg["rope_scaling"] = _llama3_rope(src, md, arch, tensors, offsets)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         step(0.75, "writing weights")
         import mlx.core as mx
