@@ -307,10 +307,26 @@ class Connection:
         self.buf = bytearray()
         self.eof = False
         self.unread = False       # we answered without reading all input: close gently
+        self.timed_out = False
+
+    def _expire(self, task):
+        self.timed_out = True
+        task.cancel()
 
     async def _fill(self, timeout):
-        async with asyncio.timeout(timeout):     # cheaper than wait_for: no extra task
+        # A plain timer that cancels this task: on every request's path, and several
+        # times cheaper than wait_for (a task per read) or asyncio.timeout.
+        task = asyncio.current_task()
+        timer = asyncio.get_running_loop().call_later(timeout, self._expire, task)
+        try:
             data = await self.reader.read(READ_CHUNK)
+        except asyncio.CancelledError:
+            if self.timed_out:
+                task.uncancel()
+                raise asyncio.TimeoutError from None
+            raise
+        finally:
+            timer.cancel()
         if not data:
             self.eof = True
         self.buf += data
@@ -422,8 +438,12 @@ class StreamResponse:
         self.first = None          # the first chunk, taken before the head is sent
 
 
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # json.dumps with
+# non-default options builds a new encoder per call; one shared encoder is the same output, faster
+
+
 def json_bytes(obj):
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _json_encoder.encode(obj).encode("utf-8")
 
 
 def json_response(obj, status=200, headers=()):
@@ -1993,8 +2013,12 @@ async def handle_one(app, conn, req):
 
     Returns True when the connection may be reused."""
     writer = conn.writer
-    keep_alive = (req.headers.get("connection", "").lower() != "close" if req.version == "HTTP/1.1"
-                  else "keep-alive" in req.headers.get("connection", "").lower())
+    connection = req.headers.get("connection")             # RFC 9112 9.3: a list of tokens
+    if connection is None:
+        keep_alive = req.version == "HTTP/1.1"
+    else:
+        tokens = {t.strip().lower() for t in connection.split(",")}
+        keep_alive = "close" not in tokens and (req.version == "HTTP/1.1" or "keep-alive" in tokens)
     started, status, sent = time.monotonic(), 500, 0
     body_read = False
     extra = []
@@ -2026,8 +2050,9 @@ async def handle_one(app, conn, req):
         if framing != "none" and length != 0 and expect is not None and req.version == "HTTP/1.1":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await drain(writer)
-        req.body = await conn.read_body(framing, length, route.body_limit)
-        body_read = True
+        if not body_read:
+            req.body = await conn.read_body(framing, length, route.body_limit)
+            body_read = True
         if handler is None:
             resp = preflight(req, route)
         else:
@@ -2309,7 +2334,7 @@ def prepare_models(app):
     if os.environ.get("LOCALAI_NO_AUTO_IMPORT", "") not in ("", "0"):
         return
     from engines import catalog
-    if app.catalog.list() or catalog.embedded_gguf() is None:
+    if app.catalog.ids() or catalog.embedded_gguf() is None:
         return
     print("localai: no model installed; importing the embedded default %s (first start only)"
           % catalog.EMBEDDED_NAME, flush=True)

@@ -105,7 +105,7 @@ def embedded_gguf():
 def ensure_default(models_dir, progress=None):
     """Import the embedded default into an empty store. Returns its path, or None
     when the store already has a model (or the package is not installed)."""
-    if Catalog(models_dir).list():
+    if Catalog(models_dir).ids():
         return None
     src = embedded_gguf()
     if src is None:
@@ -287,6 +287,11 @@ class Catalog:
             if _ID_RE.match(mid) and snap is not None and _is_model_dir(snap):
                 found.setdefault(mid, (snap, HF_PREFIX + name))
         return found
+
+    def ids(self):
+        """Ids of the installed models, sorted, without reading their facts (cheap:
+        no hashing), e.g. to know whether anything is installed at all."""
+        return sorted(self._candidates())
 
     def list(self):
         """Installed models, sorted by id."""
