@@ -98,7 +98,8 @@ TEMPO_TOLERANCE = 0.005       # closer to 1 than this: no atempo (0.5% of durati
                               # espeak's own 1-wpm rate step at 80..200 wpm)
 OUTPUT_RATE_HZ = 24000        # OpenAI's output rate; clients that play raw pcm assume it
 ESPEAK_CALLBACK_MS = 100      # audio per espeak callback: the streaming granularity
-POOL_PER_FORMAT = 2           # started ffmpeg processes kept waiting per format in use
+POOL_PER_FORMAT = 2           # started ffmpeg processes kept waiting per format in use (about
+                              # 10 MB private memory each; formats are pooled after first use)
 MAX_JOBS = 2                  # requests synthesising/encoding at once (2-core machines)
 MAX_WAITING = 16              # requests queued behind them; more -> Busy (503 + Retry-After)
 JOB_TIMEOUT_S = 120.0         # whole synthesis+encode of one request (4096 chars at speed
@@ -593,7 +594,7 @@ class _EncoderPool:
         if poolable:
             with self._lock:
                 idle = self._idle.setdefault(key, [])
-                encoder = idle.pop() if idle else None
+                encoder = idle.pop(0) if idle else None      # the oldest: most likely started
             if encoder is not None and encoder.proc.poll() is not None:
                 encoder.close()
                 encoder = None
