@@ -363,6 +363,10 @@ class _Worker:
         digests = [hashlib.sha256(b).hexdigest() for b in req.images]
         if m.cache_state is None or m.cache_images[:len(digests)] != digests:
             m.cache_state, m.cache_images = PromptCacheState(), []
+        # A model whose prompt attends both ways (PaliGemma's prefix) cannot reuse
+        # a prefix: its keys/values depended on the old text after it.
+        if not _causal_prompt(m.model):
+            m.cache_state, m.cache_images = None, []
         gen = stream_generate(
             m.model, proc, "", input_ids=inputs.pop("input_ids"),
             pixel_values=inputs.pop("pixel_values", None),
@@ -460,6 +464,14 @@ def _ensure():
         except ImportError:
             pass
         _setup_done = True
+
+
+def _causal_prompt(model):
+    cfg = getattr(model, "config", None)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        if getattr(c, "use_bidirectional_attention", False):
+            return False
+    return True
 
 
 def _mask_padding(n_tokens):

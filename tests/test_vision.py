@@ -139,10 +139,10 @@ def err_text(obj):
     return (e.get("message") if isinstance(e, dict) else str(e)) or ""
 
 
-def chat_image(server, image, text="What is in the picture?", max_tokens=8, **kw):
+def chat_image(server, image, text="What is in the picture?", max_tokens=8, model=VLM, **kw):
     """/v1/chat/completions with one image part; returns the parsed JSON."""
     status, obj = post(server, "/v1/chat/completions", {
-        "model": VLM, "temperature": 0, "max_tokens": max_tokens, **kw,
+        "model": model, "temperature": 0, "max_tokens": max_tokens, **kw,
         "messages": [{"role": "user", "content": [
             {"type": "text", "text": text},
             {"type": "image_url", "image_url": image}]}]})
@@ -284,6 +284,11 @@ def test_second_architecture_paligemma(srv):
                                               "images": [b64(png(1)), b64(png(2))]})
     assert_400(status, obj, "multi-image")
     assert "vision" in (client.show(PALI).capabilities or [])
+    # its prefix attends both ways, so a follow-up never reuses the cache
+    for text in ("caption en", "caption es"):
+        status, obj = chat_image(srv, data_url(png(1)), text=text, model=PALI)
+        assert status == 200, obj
+        assert not (obj["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
 
 
 def test_prompt_cache_reuses_a_conversation_only_with_the_same_pixels(srv):
