@@ -207,9 +207,10 @@ def check(text, voice=None, speed=None, fmt=None):
                        param="input")
     if voice is None:
         voice = DEFAULT_VOICE
-    if not isinstance(voice, str) or voice.strip().lower() not in VOICES:
-        shown = voice if isinstance(voice, str) else type(voice).__name__
-        raise BadInput("unknown voice %r; valid voices: %s" % (shown[:64], ", ".join(VOICES)),
+    if not isinstance(voice, str):
+        raise BadInput("'voice' must be a voice name, one of: %s" % ", ".join(VOICES), param="voice")
+    if voice.strip().lower() not in VOICES:
+        raise BadInput("unknown voice %r; valid voices: %s" % (voice[:64], ", ".join(VOICES)),
                        param="voice")
     if speed is None:
         speed = 1.0
