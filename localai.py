@@ -1079,7 +1079,6 @@ def parse_keep_alive(value):
             return float(text)
         except ValueError:
             pass
-        import re
         sign = -1.0 if text.startswith("-") else 1.0
         pieces = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text.lstrip("+-"))
         if pieces and "".join(n + u for n, u in pieces) == text.lstrip("+-"):
@@ -1331,10 +1330,10 @@ def usage_chunk(rid, created, model, kind, finals):
             "choices": [], "usage": openai_usage(finals)}
 
 
-def ollama_stats(final, started_ns):
+def ollama_stats(final, total_ns):
     """Ollama's closing fields, real durations in nanoseconds."""
     return {"done": True, "done_reason": final.finish_reason,
-            "total_duration": time.monotonic_ns() - started_ns,
+            "total_duration": total_ns,
             "load_duration": int(final.load_seconds * 1e9),
             "prompt_eval_count": final.prompt_tokens,
             "prompt_eval_duration": int(final.prompt_seconds * 1e9),
@@ -1342,8 +1341,8 @@ def ollama_stats(final, started_ns):
             "eval_duration": int(final.generate_seconds * 1e9)}
 
 
-def ollama_piece(model, text, chat, done=False):
-    out = {"model": model, "created_at": iso_time(time.time())}
+def ollama_piece(model, text, chat, now, done=False):
+    out = {"model": model, "created_at": iso_time(now)}
     if chat:
         out["message"] = {"role": "assistant", "content": text}
     else:
@@ -1434,8 +1433,8 @@ async def ollama_answer(req, gen, stream, chat, model):
     started = time.monotonic_ns()
     if not stream:
         texts, finals = await collect(gen, 1)
-        out = ollama_piece(model, texts[0], chat)
-        out.update(ollama_stats(finals[0], started))
+        out = ollama_piece(model, texts[0], chat, time.time())
+        out.update(ollama_stats(finals[0], time.monotonic_ns() - started))
         return json_response(out)
 
     async def objects():
@@ -1443,11 +1442,11 @@ async def ollama_answer(req, gen, stream, chat, model):
         try:
             async for _, chunk in source:
                 if chunk.done:
-                    out = ollama_piece(model, "", chat)
-                    out.update(ollama_stats(chunk, started))
+                    out = ollama_piece(model, "", chat, time.time())
+                    out.update(ollama_stats(chunk, time.monotonic_ns() - started))
                     yield out
                 elif chunk.text:
-                    yield ollama_piece(model, chunk.text, chat)
+                    yield ollama_piece(model, chunk.text, chat, time.time())
         finally:
             await source.aclose()
     return ndjson_response(objects())
@@ -1464,7 +1463,7 @@ async def ollama_load_or_unload(req, info, keep_alive, chat, model):
         if hasattr(engine, "load"):
             await run_blocking(engine.load, info, keep_alive)
         reason = "load"
-    out = ollama_piece(model, "", chat)
+    out = ollama_piece(model, "", chat, time.time())
     out.update({"done": True, "done_reason": reason})
     return json_response(out)
 
