@@ -992,7 +992,8 @@ OPENAI_ROLES = {"system", "user", "assistant", "tool", "developer"}
 # Ollama's documented option defaults (its Modelfile PARAMETER defaults).
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0,
                    "repetition_penalty": 1.1, "repetition_context_size": 64}
-# Ollama options we read (name -> GenRequest field) and accept-but-ignore.
+# Ollama options we read (name -> GenRequest field; None: checked, then ignored).
+# Other keys are ignored, as Ollama does (clients such as Open WebUI send many).
 OLLAMA_NUMBER_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "topP": "top_p",
                          "min_p": "min_p", "repeat_penalty": "repetition_penalty",
                          "presence_penalty": "presence_penalty",
@@ -1001,9 +1002,6 @@ OLLAMA_INT_OPTIONS = {"top_k": "top_k", "topK": "top_k", "seed": "seed",
                       "num_predict": "max_tokens", "repeat_last_n": "repetition_context_size",
                       "num_ctx": None, "num_keep": None, "num_batch": None, "num_gpu": None,
                       "main_gpu": None, "num_thread": None, "mirostat": None}
-OLLAMA_IGNORED_OPTIONS = {"typical_p", "tfs_z", "mirostat_eta", "mirostat_tau",
-                          "penalize_newline", "numa", "use_mmap", "use_mlock", "low_vram",
-                          "vocab_only", "f16_kv", "logits_all"}
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -1164,8 +1162,9 @@ def parse_ollama(body):
                 fields[OLLAMA_INT_OPTIONS[key]] = value
         elif key == "stop":
             fields["stop"] = parse_stop(value, "options.stop")
-        elif key not in OLLAMA_IGNORED_OPTIONS:
-            raise HTTPError(400, "unknown option '%s'" % key, param="options." + key)
+    if opts.get("mirostat"):                          # a different sampler: cannot honour
+        raise HTTPError(400, "options.mirostat is not supported (use temperature, top_k, top_p, min_p)",
+                        param="options.mirostat")
     if fields["max_tokens"] < 0:                      # -1 infinite, -2 fill the context
         fields["max_tokens"] = MAX_TOKENS_LIMIT
     checks = [("max_tokens", 1, MAX_TOKENS_LIMIT, "num_predict"), ("temperature", 0, 2, "temperature"),

@@ -304,6 +304,8 @@ def test_nan_is_rejected(server):
     ("/api/chat", {"options": {"temperature": False}}),
     ("/api/chat", {"options": {"topK": "many"}}),
     ("/api/chat", {"options": {"num_predict": 10 ** 7}}),
+    ("/api/chat", {"options": {"mirostat": 2}}),
+    ("/api/chat", {"options": "hot"}),
     ("/api/chat", {"keep_alive": "soon"}),
     ("/api/generate", {"model": None}),
 ])
