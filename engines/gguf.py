@@ -348,10 +348,17 @@ def _build_config(md, arch, tensors, quant):
     if _get(md, arch, "rope.scaling.type", None, required=False) == "linear":
         cfg["rope_scaling"] = {"type": "linear",
                                "factor": float(_get(md, arch, "rope.scaling.factor"))}
-    for key, cfg_key in (("tokenizer.ggml.bos_token_id", "bos_token_id"),
-                         ("tokenizer.ggml.eos_token_id", "eos_token_id")):
-        if key in md:
-            cfg[cfg_key] = int(md[key])
+    if isinstance(md.get("tokenizer.ggml.bos_token_id"), int):
+        cfg["bos_token_id"] = md["tokenizer.ggml.bos_token_id"]
+    # generation stops at end-of-sequence, and also at end-of-turn / end-of-message
+    # where the GGUF names them (Llama 3 instruct ends turns with <|eot_id|>)
+    stops = []
+    for key in ("eos", "eot", "eom"):
+        i = md.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(i, int) and 0 <= i < len(tokens) and i not in stops:
+            stops.append(i)
+    if stops:
+        cfg["eos_token_id"] = stops[0] if len(stops) == 1 else stops
     if quant:
         cfg["quantization"] = quant
         cfg["quantization_config"] = quant

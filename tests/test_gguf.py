@@ -313,7 +313,7 @@ def spm_reference(text, tokens, scores, add_space_prefix=True):
     return out
 
 
-def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False, spm=False):
+def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False, spm=False, extra_md=None):
     """A random tiny llama written as GGUF (q/k permuted the way llama.cpp's converter
     does) and the reference mlx-lm model (HF layout, non-traditional RoPE) holding
     exactly the weights the GGUF encodes. arch "qwen2": mlx-lm's Qwen2 (q/k/v biases,
@@ -399,6 +399,7 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False, spm=Fa
         md.update({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": scores,
                    "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.unknown_token_id": 0,
                    "tokenizer.ggml.token_type": types, "tokenizer.ggml.tokens": tokens})
+    md.update(extra_md or {})
     write_gguf(path, md, tensors)
     return ref
 
@@ -522,10 +523,11 @@ def test_tiny_qwen2_logits_match_reference(tmp_path, ttype):
 def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
     import mlx.core as mx
     import mlx_lm
-    ref = tiny_llama_gguf(tmp_path / "l3.gguf", F16, llama3_rope=True)
+    ref = tiny_llama_gguf(tmp_path / "l3.gguf", F16, llama3_rope=True, extra_md={"tokenizer.ggml.eot_token_id": 1})
     path = import_gguf(tmp_path / "l3.gguf", tmp_path / "store", name="l3")
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["rope_scaling"] == LLAMA3_SCALING and cfg["rope_theta"] == 500000.0
+    assert cfg["eos_token_id"] == [2, 1]         # end of sequence, then end of turn
     model, _ = mlx_lm.load(str(path))
     ids = mx.array([[1, 40, 50, 60, 259, 261, 7, 2]])
     got, want = np.array(model(ids).astype(mx.float32)), np.array(ref(ids).astype(mx.float32))
