@@ -34,7 +34,8 @@ count is reported as ``cached_tokens``.
 Models are unloaded when idle past their keep-alive (Ollama semantics: default 5
 minutes, 0 = right after the request, negative = never). ``loaded()`` lists them
 for ``/api/ps``, with the engine's counters (requests, tokens_generated, cancelled,
-cancelled_in_queue, busy_rejections, load_failures, ...) in the info dict.
+cancelled_in_queue, busy_rejections, load_failures, engine_failures, peak_batch,
+...) in the info dict; ``stats()`` returns the same counters.
 
 Knobs (environment; defaults in the limits below):
     LOCALAI_LLM_BATCH       sequences decoded together (8)
@@ -419,7 +420,8 @@ def stats():
 def _zero_counters():
     return {"requests": 0, "tokens_generated": 0, "prompt_tokens_computed": 0,
             "cached_tokens": 0, "cancelled": 0, "cancelled_in_queue": 0,
-            "busy_rejections": 0, "load_failures": 0, "engine_failures": 0}
+            "busy_rejections": 0, "load_failures": 0, "engine_failures": 0,
+            "peak_batch": 0}
 
 
 # ---------------------------------------------------------------------------
@@ -753,6 +755,8 @@ class _Scheduler:
             self.counters["cancelled"] += len(gone)
         if not m.jobs:
             return
+        if len(m.jobs) > self.counters["peak_batch"]:
+            self.counters["peak_batch"] = len(m.jobs)
         try:
             prompt_resps, gen_resps = m.gen.next()
         except Exception as e:

@@ -261,3 +261,31 @@ def test_engine_failure_mid_generation_is_clean_and_the_next_request_works(model
     assert llm._SCHED.models[MODEL].gen is not batch          # a fresh batch replaced it
     assert "".join(c.text for c in llm.generate(request())) == good
     assert llm.stats()["engine_failures"] == 1
+
+
+def test_concurrent_requests_share_one_batch(models_dir):
+    """In-process: four simultaneous requests are decoded together (one batch of
+    four), each gets its own complete answer, and a seeded one is unaffected by
+    its neighbours."""
+    import threading
+    from engines import llm
+    from engines.catalog import Catalog
+    info = Catalog(models_dir).resolve(MODEL)
+
+    def run(prompt, **kw):
+        chunks = list(llm.generate(llm.GenRequest(model=info, prompt=prompt, max_tokens=12, **kw)))
+        return "".join(c.text for c in chunks), chunks[-1]
+    alone_seeded = run("Once upon a time", temperature=1.0, seed=5)
+    out = {}
+    prompts = ["Once upon a time", "1, 2, 3,", "The capital of France", "def add(a, b):"]
+
+    def worker(i):
+        out[i] = run(prompts[i], temperature=1.0, seed=5) if i == 0 else run(prompts[i], temperature=0)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert llm.stats()["peak_batch"] == 4
+    assert all(out[i][1].done and 0 < out[i][1].completion_tokens <= 12 for i in range(4))
+    assert out[0][0] == alone_seeded[0]
