@@ -32,6 +32,10 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model",
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
+class _Cancelled(Exception):
+    """Raised from the progress callback to stop a download (see pull)."""
+
+
 def parse_repo(repo):
     """'mlx-community/X' or 'X' -> ('mlx-community/X', 'x'). BadInput otherwise."""
     if not isinstance(repo, str):
@@ -75,11 +79,22 @@ def pull(repo, models_dir, progress=True, cancel=None):
     try:
         import huggingface_hub
         from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+        from huggingface_hub.utils import tqdm as hf_tqdm
     except ImportError:
         raise Unavailable("cannot pull: huggingface_hub is not installed "
                           "(pip install huggingface_hub)") from None
     if cancel is not None and cancel.is_set():
         raise Unavailable("pull cancelled")
+
+    class CancellableTqdm(hf_tqdm):
+        """huggingface_hub reports every downloaded chunk through its progress bar
+        class: the one place a download can be stopped between chunks."""
+
+        def update(self, n=1):
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled()
+            return super().update(n)
+
     models_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".pull-{name}-", dir=models_dir))
     try:
@@ -87,8 +102,11 @@ def pull(repo, models_dir, progress=True, cancel=None):
         try:
             huggingface_hub.snapshot_download(
                 repo_id=repo, local_dir=str(tmp), allow_patterns=ALLOW_PATTERNS,
-                etag_timeout=ETAG_TIMEOUT)
+                etag_timeout=ETAG_TIMEOUT, tqdm_class=CancellableTqdm,
+                endpoint=hub_endpoint())      # the endpoint check_online probed
         except Exception as e:   # the hub library's errors have many classes
+            if cancel is not None and cancel.is_set():
+                raise Unavailable("pull cancelled") from None
             kind = type(e).__name__
             if "NotFound" in kind or "Repository" in kind:
                 raise NotFound(f"repository '{repo}' not found on the hub") from None

@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -439,12 +440,13 @@ class _FakeHub:
     """Just enough of the Hugging Face hub API for huggingface_hub.snapshot_download:
     revision info, the file tree, HEAD/GET of files (ETag, X-Repo-Commit)."""
 
-    def __init__(self, repo, src):
+    def __init__(self, repo, src, slow=0.0):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        import threading
         files = {p.name: p.read_bytes() for p in Path(src).iterdir()}
         sha = hashlib.sha1(repo.encode()).hexdigest()
         self.requests = []
+        self.weights_requested = threading.Event()
+        self.weights_completed = False
         hub_self = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -479,8 +481,21 @@ class _FakeHub:
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                if not head:
-                    self.wfile.write(body)
+                if head:
+                    return
+                if slow and self.path.endswith(".safetensors"):   # a long download
+                    hub_self.weights_requested.set()
+                    step = max(1, len(body) // 20)
+                    try:
+                        for i in range(0, len(body), step):
+                            self.wfile.write(body[i:i + step])
+                            self.wfile.flush()
+                            time.sleep(slow)
+                        hub_self.weights_completed = True
+                    except OSError:
+                        pass                  # the client went away
+                    return
+                self.wfile.write(body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
@@ -515,6 +530,39 @@ def test_cli_pull_from_a_hub(hf_cache, tmp_path):
     finally:
         fake.close()
     assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".digests")) == ["tiny-pulled-4bit"]
+
+
+def test_pull_stops_when_cancelled(hf_cache, tmp_path, monkeypatch):
+    # huggingface_hub reports progress every 10 MB: a 25 MB file sent over 2 s
+    src = tmp_path / "big"
+    src.mkdir()
+    shutil.copy(hf_cache[1]["tiny4_src"] / "config.json", src)
+    (src / "model.safetensors").write_bytes(bytes(25 << 20))
+    fake = _FakeHub("mlx-community/Tiny-Pulled-4bit", src, slow=0.1)
+    for k, v in {"HF_ENDPOINT": fake.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_CACHE": str(tmp_path / "hf")}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)            # read once, at import
+    cancel, store, errors = threading.Event(), tmp_path / "store", []
+
+    def run():
+        try:
+            hub.pull("mlx-community/Tiny-Pulled-4bit", store, progress=False, cancel=cancel)
+        except engines.EngineError as e:
+            errors.append(e)
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        assert fake.weights_requested.wait(30)
+        cancel.set()
+        t.join(30)
+    finally:
+        fake.close()
+    assert not t.is_alive()
+    assert not fake.weights_completed                                 # stopped mid-download
+    assert [e.message for e in errors] == ["pull cancelled"]
+    assert [p.name for p in store.iterdir()] == []                  # nothing half-written
 
 
 def test_api_pull_offline_and_from_a_hub(start_server, hf_cache, tmp_path):
