@@ -7,6 +7,7 @@ known answer of this model, so a canned or broken server fails.
 """
 import http.client
 import json
+import time
 
 import pytest
 
@@ -267,6 +268,21 @@ def test_keep_alive_load_and_unload(server):
     status, _, data = post(server, "/api/generate", {"model": MODEL, "prompt": COUNTING, "raw": True,
                                                      "options": {"num_predict": 1}})
     assert status == 200 and json.loads(data)["load_duration"] > 0
+
+
+def test_idle_model_is_unloaded_when_its_keep_alive_runs_out(server):
+    status, _, data = post(server, "/api/chat", {"model": MODEL, "messages": FRANCE, "keep_alive": "1s",
+                                                 "options": {"num_predict": 1}})
+    assert status == 200
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    deadline = time.monotonic() + 20
+    while True:
+        conn.request("GET", "/api/ps")
+        models = json.loads(conn.getresponse().read())["models"]
+        if not models:
+            break
+        assert time.monotonic() < deadline, models
+        time.sleep(0.2)
 
 
 # -- validation ---------------------------------------------------------------------
