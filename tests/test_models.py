@@ -144,6 +144,14 @@ def test_hf_cache_models_listed_with_true_facts(catalog, hf_cache):
     assert vis.family == "qwen2_vl" and vis.template
 
 
+def test_store_wins_over_hf_cache_for_the_same_id(hf_cache, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(hf_cache[1]["tiny4_src"], store / "Tiny-Llama-4bit")
+    info = Catalog(store, hf_cache=hf_cache[0]).resolve("mlx-community/tiny-llama-4bit")
+    assert info.path == store / "Tiny-Llama-4bit" and info.repo == "" and info.owned_by == "local"
+    assert [m.id for m in Catalog(store, hf_cache=hf_cache[0]).list()] == ["tiny-llama-4bit", "tiny-qwen2-vl"]
+
+
 def test_parameter_size_format():
     assert [format_parameter_count(n) for n in (134_515_008, 1_235_814_400, 8_030_261_248, 112_320, 999)] \
         == ["135M", "1.2B", "8B", "112K", "999"]
