@@ -68,6 +68,22 @@ def check_online():
                           f"reachable ({reason}); are you offline?") from None
 
 
+def _hub_error(e, repo):
+    """A huggingface_hub exception as an engine error with a message for people."""
+    try:
+        from huggingface_hub import errors
+    except ImportError:           # older huggingface_hub: judge by the class name
+        errors = None
+    if errors is not None and isinstance(e, errors.GatedRepoError):
+        return Unavailable(f"cannot pull {repo}: the repository is gated (accept its "
+                           "terms on the hub and log in with `hf auth login`)")
+    if (errors is not None and isinstance(e, (errors.RepositoryNotFoundError,
+                                              errors.RevisionNotFoundError))) \
+            or "NotFound" in type(e).__name__:
+        return NotFound(f"repository '{repo}' not found on the hub")
+    return Unavailable(f"cannot pull {repo}: {type(e).__name__}")
+
+
 def pull(repo, models_dir, progress=True, cancel=None):
     """Download `repo` into the store; returns the model directory."""
     repo, name = parse_repo(repo)
@@ -107,15 +123,12 @@ def pull(repo, models_dir, progress=True, cancel=None):
         except Exception as e:   # the hub library's errors have many classes
             if cancel is not None and cancel.is_set():
                 raise Unavailable("pull cancelled") from None
-            kind = type(e).__name__
-            if "NotFound" in kind or "Repository" in kind:
-                raise NotFound(f"repository '{repo}' not found on the hub") from None
-            raise Unavailable(f"cannot pull {repo}: {kind}") from None
+            raise _hub_error(e, repo) from None
         shutil.rmtree(tmp / ".cache", ignore_errors=True)   # hub bookkeeping
         (tmp / SOURCE_FILE).write_text(json.dumps({"repo": repo}))
         if not (tmp / "config.json").is_file() or not list(tmp.glob("model*.safetensors")):
-            raise BadInput(f"'{repo}' is not an MLX model repository "
-                           "(no config.json and model*.safetensors)")
+            raise BadInput(f"'{repo}' is not an MLX model repository (no config.json and "
+                           "model*.safetensors); for a GGUF file use: localai.py import FILE.gguf")
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

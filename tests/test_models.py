@@ -478,6 +478,13 @@ class _FakeHub:
                 elif self.path.startswith(f"/{repo}/resolve/"):
                     body = files.get(self.path.rsplit("/", 1)[1])
                     headers = {"X-Repo-Commit": sha, "ETag": '"%s"' % hashlib.sha256(body or b"").hexdigest()}
+                if self.path.startswith("/api/models/mlx-community/Gated-Model/"):
+                    self.send_response(403)
+                    self.send_header("X-Error-Code", "GatedRepo")
+                    self.send_header("X-Error-Message", "Access to model is restricted")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if body is None:
                     self.send_response(404)
                     self.send_header("X-Error-Code", "RepoNotFound")
@@ -535,6 +542,8 @@ def test_cli_pull_from_a_hub(hf_cache, tmp_path):
         assert r.returncode == 1 and "already installed" in r.stderr
         r = _cli("--models-dir", str(store), "pull", "mlx-community/No-Such-Repo", env=env)
         assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
+        r = _cli("--models-dir", str(store), "pull", "mlx-community/Gated-Model", env=env)
+        assert r.returncode == 1 and "gated" in r.stderr and "Traceback" not in r.stderr
     finally:
         fake.close()
     assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".digests")) == ["tiny-pulled-4bit"]
