@@ -104,6 +104,7 @@ BODY_IDLE_TIMEOUT = _seconds("BODY_IDLE_TIMEOUT", 10.0)    # max silence while a
 KEEPALIVE_TIMEOUT = _seconds("KEEPALIVE_TIMEOUT", 5.0)     # idle keep-alive connections close after this
 SEND_STALL_TIMEOUT = _seconds("SEND_STALL_TIMEOUT", 30.0)  # a client that reads nothing this long is dropped
 DRAIN_TIMEOUT = _seconds("DRAIN_TIMEOUT", 10.0)            # on shutdown, in-flight requests get this long
+TIMEOUT_TICK = 0.1                   # read timeouts are enforced to within this (see reap_timeouts)
 LINGER_TIMEOUT = 2.0                 # after an early answer, swallow input this long before closing
 LINGER_BYTES = 1024 * 1024           # ...or this much (Apache's lingering close, bounded)
 READ_CHUNK = 64 * 1024               # socket read size
@@ -307,26 +308,24 @@ class Connection:
         self.buf = bytearray()
         self.eof = False
         self.unread = False       # we answered without reading all input: close gently
+        self.deadline = None      # monotonic time by which the pending read must complete
         self.timed_out = False
-
-    def _expire(self, task):
-        self.timed_out = True
-        task.cancel()
+        self.task = None          # the task reading (set by serve_connection)
 
     async def _fill(self, timeout):
-        # A plain timer that cancels this task: on every request's path, and several
-        # times cheaper than wait_for (a task per read) or asyncio.timeout.
-        task = asyncio.current_task()
-        timer = asyncio.get_running_loop().call_later(timeout, self._expire, task)
+        # Reads are on every request's path, so they carry no timer of their own
+        # (wait_for costs a task, asyncio.timeout a timer, per read): they set a
+        # deadline that `reap_timeouts` enforces for all connections at once.
+        self.deadline = time.monotonic() + timeout
         try:
             data = await self.reader.read(READ_CHUNK)
         except asyncio.CancelledError:
             if self.timed_out:
-                task.uncancel()
+                asyncio.current_task().uncancel()
                 raise asyncio.TimeoutError from None
             raise
         finally:
-            timer.cancel()
+            self.deadline = None
         if not data:
             self.eof = True
         self.buf += data
@@ -414,6 +413,18 @@ class Connection:
             trailer_bytes += len(line)
             if trailer_bytes > MAX_TRAILER_BYTES or b":" not in line:
                 raise HTTPError(400, "invalid chunked trailer", close=True)
+
+
+async def reap_timeouts(conns):
+    """One timer for every connection: each TIMEOUT_TICK, a read past its deadline
+    is cancelled (its _fill turns that into TimeoutError and the connection closes)."""
+    while True:
+        await asyncio.sleep(TIMEOUT_TICK)
+        now = time.monotonic()
+        for conn in list(conns):
+            if conn.deadline is not None and now >= conn.deadline and not conn.timed_out and conn.task:
+                conn.timed_out = True
+                conn.task.cancel()
 
 
 # ============================================================================
@@ -1589,8 +1600,9 @@ async def h_transcriptions(req):
     if fmt == "verbose_json":
         grans = opts["granularities"]
         return json_response(stt.verbose_json(t, segments="segment" in grans, words="word" in grans))
-    body = {"text": t.text + "\n", "srt": stt.to_srt, "vtt": stt.to_vtt}[fmt]
-    return text_response(body if isinstance(body, str) else body(t))
+    if fmt == "text":
+        return text_response(t.text + "\n")
+    return text_response(stt.to_srt(t) if fmt == "srt" else stt.to_vtt(t))   # plain text, as the seed says
 
 
 def speech_options(body):
@@ -1911,7 +1923,8 @@ class App:
         self.allowed_hosts |= {h.strip().lower() for h in (config.allowed_hosts or "").split(",") if h.strip()}
         self.allowed_origins = {o.strip().rstrip("/").lower()
                                 for o in (config.allowed_origins or "").split(",") if o.strip()}
-        self.connections = set()
+        self.connections = set()     # connection tasks
+        self.conns = set()           # their Connection objects (for reap_timeouts)
         self.busy = set()            # connections with a request in flight
         self.stopping = False
         self._catalog = None
@@ -2125,6 +2138,8 @@ async def _stop_watcher(watcher):
 
 async def serve_connection(app, reader, writer):
     conn = Connection(reader, writer)
+    conn.task = asyncio.current_task()
+    app.conns.add(conn)
     peer = writer.get_extra_info("peername")
     client = peer[0] if isinstance(peer, tuple) else str(peer)
     task = asyncio.current_task()
@@ -2161,6 +2176,7 @@ async def serve_connection(app, reader, writer):
     finally:
         app.busy.discard(task)
         app.connections.discard(task)
+        app.conns.discard(conn)
     if not clean:
         writer.transport.abort()    # timeouts, resets, stalls: free the socket now, unsent data too
         return
@@ -2368,6 +2384,7 @@ async def serve(config):
                                         limit=READ_CHUNK, reuse_address=True)
     port = server.sockets[0].getsockname()[1]
     app.port = port
+    reaper = asyncio.ensure_future(reap_timeouts(app.conns))
     stop = asyncio.Event()              # handlers first: a signal right after "listening" counts
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -2394,6 +2411,7 @@ async def serve(config):
         await asyncio.sleep(0.05)
     for task in list(app.connections):
         task.cancel()
+    reaper.cancel()
     if advertiser is not None:
         await loop.run_in_executor(None, advertiser.stop)
     return 0

@@ -179,7 +179,8 @@ def test_file_size_limit():
     body_of([b" folded: x\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nb"]),
     body_of([part("a", b"\xff\xfe")]),                             # field not UTF-8
     body_of([b'Content-Disposition: form-data; name="a"\r\nContent-Disposition: form-data; name="b"\r\n\r\nx']),
-])
+], ids=["no-close", "no-close-crlf", "inside-data", "no-boundary", "empty", "inside-headers", "bad-delimiter",
+        "not-form-data", "no-name", "no-colon", "folded", "field-not-utf8", "repeated-header"])
 def test_malformed_bodies_are_400(body):
     assert status_of(lambda: parse_multipart(body, CT)) == 400
 
@@ -317,7 +318,7 @@ def test_wire_duplicate_fields(srv):
     ("noise.mp3", random.Random(4).randbytes(20000)),
     ("noise.ogg", b"OggS" + random.Random(5).randbytes(5000)),
     ("fake.wav", b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00" + b"\xff" * 40),
-])
+], ids=["empty-wav", "noise-wav", "noise-mp3", "noise-ogg", "bad-riff"])
 def test_wire_not_audio_is_400_invalid_audio(srv, filename, data):
     st, _, payload = raw_post(srv.port, form(part("model", "m"), part("file", data, filename)))
     assert st == 400, payload
