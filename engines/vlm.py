@@ -359,9 +359,11 @@ class _Worker:
         # Prompt cache: the KV of the last conversation is reused for the part of
         # the new prompt that repeats it (mlx-vlm's PromptCacheState: text-only
         # suffix, mRoPE primed). Token ids alone cannot tell two same-sized images
-        # apart, so the images themselves must match too, or the cache is dropped.
+        # apart (nor an image from text that spells its placeholder tokens), so the
+        # request's images must be exactly the cached conversation's, or the cache
+        # is dropped. Clients resend every image each turn, so a chat still reuses.
         digests = [hashlib.sha256(b).hexdigest() for b in req.images]
-        if m.cache_state is None or m.cache_images[:len(digests)] != digests:
+        if m.cache_state is None or m.cache_images != digests:
             m.cache_state, m.cache_images = PromptCacheState(), []
         # A model whose prompt attends both ways (PaliGemma's prefix) cannot reuse
         # a prefix: its keys/values depended on the old text after it.
