@@ -27,6 +27,15 @@ over the job's output queue while the worker decodes token by token, checking
 
 Vision models are decoded one request at a time (mlx-vlm's batch path needs
 equal image sizes); models are unloaded when idle past their keep-alive.
+
+Prompt cache: each resident model keeps the KV cache of its last conversation
+(mlx-vlm's ``PromptCacheState``); the next request reuses the part of its prompt
+that repeats it (so turn 2 of a chat about an image neither re-encodes the image
+nor re-reads the history) and reports it as ``cached_tokens``. Token ids cannot
+tell two same-sized images apart, so the request's images must be byte-identical
+to the cached conversation's; the cache is dropped after an early stop, and never
+used by models whose prompt attends both ways (PaliGemma).
+Token ids past the tokenizer's vocabulary (padded embeddings) are masked out.
 Images: bytes already checked by engines/images.py, decoded here with Pillow.
 Only images in user messages are accepted (as in OpenAI's API); a raw prompt
 (``req.prompt``) with images is rendered as one user message, since a raw prompt
