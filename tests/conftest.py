@@ -63,6 +63,9 @@ def server_env(tmp_path_factory):
     env["LOCALAI_BACKLIGHT_ROOT"] = str(tmp_path_factory.mktemp("no-backlight"))
     env["HF_HUB_OFFLINE"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
+    # Servers on an empty store would import SmolLM2 at start (1-2 s, 100 MB each);
+    # the tests of that first start set LOCALAI_NO_AUTO_IMPORT=0 themselves.
+    env["LOCALAI_NO_AUTO_IMPORT"] = "1"
     return env
 
 
