@@ -98,10 +98,9 @@ def decode(data: bytes, filename: str = "", cancel=None) -> Audio:
     ext = extension(filename)
     if not data:
         raise invalid("the file is empty")
-    is_riff = data[:4] == b"RIFF" and data[8:12] == b"WAVE"
-    if ext == "wav" and not is_riff:
-        raise invalid("not a WAV file")
-    if is_riff:
+    # RIFF/WAVE goes to the stdlib first; anything else (including RF64 and
+    # mislabelled files) to ffmpeg, which looks at the content, not the name.
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
         audio = _decode_wav(data)
         if audio is not None:
             return audio

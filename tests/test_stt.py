@@ -393,6 +393,14 @@ def test_wav_conversions_keep_duration(tmp_path):
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=d=0.75", "-c:a", "pcm_f32le", str(src)],
                    check=True)
     assert abs(audio.decode(src.read_bytes(), "f.wav").duration - 0.75) < 0.01
+    # RF64 (a WAV for files over 4 GB) and a mislabelled Ogg file: ffmpeg reads the content
+    rf64, ogg = tmp_path / "r.wav", tmp_path / "o.ogg"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=d=0.5", "-rf64", "always", str(rf64)],
+                   check=True)
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=d=0.5", str(ogg)], check=True)
+    assert rf64.read_bytes()[:4] == b"RF64"
+    assert abs(audio.decode(rf64.read_bytes(), "r.wav").duration - 0.5) < 0.01
+    assert abs(audio.decode(ogg.read_bytes(), "really-ogg.wav").duration - 0.5) < 0.01
 
 
 def test_too_long_audio_and_cancel(monkeypatch, tmp_path):
