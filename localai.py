@@ -956,6 +956,9 @@ def image_sources(messages=None, images=None):
         for part in content if isinstance(content, list) else ():
             if isinstance(part, dict) and (part.get("type") == "image_url" or "image_url" in part):
                 add(part.get("image_url"), i, "messages[%d].content image_url" % i)
+            elif isinstance(part, dict) and part.get("type") in ("image", "input_image"):
+                raise HTTPError(400, "messages[%d]: an image part must carry image_url "
+                                "(a data: URL, base64, URL or path)" % i, param="messages")
         extra = msg.get("images")
         if extra is not None and not isinstance(extra, list):
             raise HTTPError(400, "messages[%d].images must be a list" % i, param="messages")

@@ -396,6 +396,9 @@ def test_invalid_base64(srv):
     assert_400(*generate_image(srv, "!!!!not base64!!!!"), "base64")
     assert_400(*chat_image(srv, "data:image/png;base64,@@@@"), "base64")
     assert_400(*chat_image(srv, {"detail": "high"}), "image")        # no url
+    status, obj = post(srv, "/v1/chat/completions", {"model": VLM, "messages": [
+        {"role": "user", "content": [{"type": "image", "image": b64(png(1))}]}]})
+    assert_400(status, obj, "image_url")                             # never silently dropped
     assert_400(*generate_image(srv, 42), "image")
 
 
