@@ -40,6 +40,7 @@ import importlib.util
 import re
 import shutil
 import threading
+import time
 import zlib
 
 from . import BadInput, Busy, Unavailable
@@ -63,6 +64,9 @@ SEGMENT_PAUSE_S = 0.5
 # Segments are also cut before they grow past this (Whisper's window is 30 s),
 # so subtitles stay readable even for speech without pauses.
 MAX_SEGMENT_S = 30.0
+# A request for a language with no model rescans the model directories (a model
+# pulled while the server runs is found), at most this often.
+RESCAN_S = 10.0
 # How often a request waiting for a slot looks at its cancel event.
 WAIT_POLL_S = 0.1
 # Vosk's language codes that differ from BCP-47 primary subtags.
@@ -140,7 +144,10 @@ def _model_root(path):
     path = Path(path)
     if is_model_dir(path):
         return path
-    subs = [p for p in path.iterdir() if p.is_dir() and is_model_dir(p)] if path.is_dir() else []
+    try:
+        subs = [p for p in path.iterdir() if p.is_dir() and is_model_dir(p)] if path.is_dir() else []
+    except OSError:
+        subs = []
     return subs[0] if len(subs) == 1 else None
 
 
@@ -165,7 +172,10 @@ def discover(model_dirs=(), cache_dirs=None):
     for mod in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
         if not mod.name.startswith("vosk_model_"):
             continue
-        spec = importlib.util.find_spec(mod.name)
+        try:
+            spec = importlib.util.find_spec(mod.name)
+        except (ImportError, ValueError):
+            continue
         locs = list(spec.submodule_search_locations or []) if spec else []
         root = _model_root(locs[0]) if locs else None
         lang = language_from_name(mod.name)
@@ -217,7 +227,8 @@ class SpeechToText:
 
     def __init__(self, model_dirs=()):
         self.model_dirs = list(model_dirs or [])
-        self._models = None                  # list[ModelSpec], discovered once
+        self._models = None                  # list[ModelSpec], discovered on first use
+        self._scanned = 0.0                  # time.monotonic() of the last discovery
         self._loaded = {}                    # path -> vosk.Model
         self._lock = threading.Lock()
         self._load_locks = {}                # path -> Lock
@@ -225,10 +236,11 @@ class SpeechToText:
         self._waiting = 0
 
     # -- models -------------------------------------------------------------
-    def models(self):
+    def models(self, rescan=False):
         with self._lock:
-            if self._models is None:
+            if self._models is None or (rescan and time.monotonic() - self._scanned > RESCAN_S):
                 self._models = discover(self.model_dirs)
+                self._scanned = time.monotonic()
             return self._models
 
     def languages(self):
@@ -236,10 +248,12 @@ class SpeechToText:
 
     def choose(self, language=None):
         """The ModelSpec for a language, or BadInput naming what is installed."""
-        models = self.models()
-        spec = match(models, language)
+        spec = match(self.models(), language)
+        if spec is None:                           # pulled since we looked?
+            spec = match(self.models(rescan=True), language)
         if spec is not None:
             return spec
+        models = self.models()
         have = ", ".join(self.languages()) or "none"
         if not models:
             raise Unavailable("no speech model is installed; install one with "

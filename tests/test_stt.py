@@ -539,3 +539,15 @@ def test_pull_downloads_checks_and_installs_from_vosk_list(tmp_path, monkeypatch
         httpd.shutdown()
     assert not (tmp_path / "escaped.txt").exists() and not list(tmp_path.rglob("escaped.txt"))
     assert sorted(p.name for p in dest.iterdir()) == [good]     # no partial files left
+
+
+def test_a_model_added_later_is_found(tmp_path, monkeypatch):
+    from engines import stt, BadInput
+    monkeypatch.setattr(stt, "RESCAN_S", 0.0)
+    monkeypatch.setattr(stt, "vosk_cache_dirs", lambda: [tmp_path])
+    engine = stt.SpeechToText()
+    with pytest.raises(BadInput):
+        engine.choose("fr")
+    fake_model(tmp_path / "vosk-model-small-fr-0.22")          # e.g. pull-speech fr meanwhile
+    assert engine.choose("fr-FR").path == tmp_path / "vosk-model-small-fr-0.22"
+    assert engine.choose(None).language == "ko"                 # the default is unchanged
