@@ -716,3 +716,33 @@ def test_engine_cancel_stops_generation(store):
     # the same request uncancelled runs on (so the cut above was the cancel's doing)
     full = list(vlm.generate(dataclasses.replace(req(), max_tokens=200)))[-1]
     assert full.done and (full.completion_tokens == 200 or full.finish_reason == "stop")
+
+
+def test_hostile_image_bytes_only_ever_give_400s():
+    """Every cut and a few thousand random corruptions of real images in each
+    format: validation answers BadInput/TooLarge (a 400/413) or accepts a still
+    decodable image; nothing else escapes, nothing hangs."""
+    import random
+    import engines
+    from engines import images
+    rnd = random.Random(5)
+    im = Image.new("RGB", (40, 30))
+    im.putdata([(rnd.randrange(256), rnd.randrange(256), 9) for _ in range(1200)])
+    t0 = time.monotonic()
+    for fmt, opts in (("PNG", {}), ("JPEG", {}), ("JPEG", {"progressive": True}), ("GIF", {}),
+                      ("BMP", {}), ("WEBP", {}), ("WEBP", {"lossless": True})):
+        buf = io.BytesIO()
+        im.save(buf, fmt, **opts)
+        data = buf.getvalue()
+        cases = [data[:k] for k in range(0, len(data), max(1, len(data) // 200))]
+        for _ in range(300):
+            b = bytearray(data)
+            for _ in range(rnd.randint(1, 8)):
+                b[rnd.randrange(len(b))] = rnd.randrange(256)
+            cases.append(bytes(b))
+        for case in cases:
+            try:
+                images.validate(case)
+            except (engines.BadInput, engines.TooLarge):
+                pass
+    assert time.monotonic() - t0 < 60
