@@ -367,6 +367,17 @@ def test_stop_and_max_tokens_with_image(srv):
     assert short["choices"][0]["finish_reason"] == "length"
 
 
+def test_text_only_use_of_a_vision_model(srv):
+    """A vision model also answers plain chats and raw completions."""
+    client = oa(srv)
+    r = client.completions.create(model=VLM, prompt="Hello there", max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens == 4 and r.choices[0].text
+    assert r.usage.prompt_tokens == len("Hello there".encode())   # byte-level BPE, no merges
+    c = client.chat.completions.create(model=VLM, max_tokens=4, temperature=0,
+                                       messages=[{"role": "user", "content": "Hi"}])
+    assert c.usage.completion_tokens == 4 and c.choices[0].message.content
+
+
 def test_n_choices_and_load_unload_for_vision_model(srv):
     client = oa(srv)
     r = client.chat.completions.create(
