@@ -1970,6 +1970,10 @@ async def write_response(writer, req, resp, keep_alive, extra_headers):
     if chunked:
         headers.append(("Transfer-Encoding", "chunked"))
     writer.write(head_bytes(resp.status, headers))
+    if is_head:                                           # the GET headers, never a body
+        await resp.chunks.aclose()
+        await drain(writer)
+        return 0
     sent = 0
     try:
         try:

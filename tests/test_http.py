@@ -788,3 +788,134 @@ def test_send_stall_timeout_drops_a_client_that_never_reads(start_server):
     answered = received.count(b"HTTP/1.1 200 OK")
     assert answered < sent // len(one)              # dropped before answering everything
     assert request(server, "GET", "/status")[0] == 200
+
+
+# ---------------------------------------------------------------------------
+# streams and cancellation, through the real connection loop in this process
+# (test routes are added to this process's route table only, never the product's)
+# ---------------------------------------------------------------------------
+class InProcess:
+    """localai's connection loop on a real socket, in a thread of this process."""
+
+    def __init__(self):
+        config = localai.build_parser().parse_args(["--no-mdns"])
+        self.app = localai.App(config)
+        self.loop = asyncio.new_event_loop()
+        self.server = self.loop.run_until_complete(asyncio.start_server(
+            lambda r, w: localai.serve_connection(self.app, r, w), "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def inproc(monkeypatch):
+    events = {"closed": threading.Event(), "cancelled": threading.Event()}
+
+    async def ticks(n, error=None, delay=0.0):
+        try:
+            for i in range(n):
+                yield {"i": i}
+                if delay:
+                    await asyncio.sleep(delay)
+            if error is not None:
+                raise error
+        finally:
+            events["closed"].set()
+
+    async def h_sse(req):
+        return localai.sse_response(ticks(3))
+
+    async def h_ndjson(req):
+        return localai.ndjson_response(ticks(2, error=engines_module().BadInput("went wrong")))
+
+    async def h_sse_late_error(req):
+        return localai.sse_response(ticks(1, error=engines_module().BadInput("went wrong")))
+
+    async def h_sse_early_error(req):
+        return localai.sse_response(ticks(0, error=engines_module().NotFound("model 'x' not found")))
+
+    async def h_endless(req):
+        return localai.sse_response(ticks(10 ** 6, delay=0.02))
+
+    def blocking_wait(cancel=None):
+        if cancel.wait(20):
+            events["cancelled"].set()
+        return "finished"
+
+    async def h_slow_plain(req):
+        return localai.json_response({"r": await localai.run_blocking(blocking_wait)})
+
+    for path, h in {"/t/sse": h_sse, "/t/ndjson": h_ndjson, "/v1/t/late": h_sse_late_error,
+                    "/v1/t/early": h_sse_early_error, "/t/endless": h_endless, "/t/slow": h_slow_plain}.items():
+        monkeypatch.setitem(localai.ROUTES, path, localai.Route({"GET": h}))
+    server = InProcess()
+    server.events = events
+    yield server
+    server.close()
+
+
+def engines_module():
+    import engines
+    return engines
+
+
+def test_sse_stream_is_chunked_and_keep_alive_survives(inproc):
+    c = Raw(inproc)
+    for _ in range(2):                       # twice on one connection: the stream ends cleanly
+        c.send(b"GET /t/sse HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        status, headers, body = c.read_response()
+        assert status == 200 and headers["transfer-encoding"] == ["chunked"]
+        assert headers["content-type"] == ["text/event-stream"]
+        assert body == b'data: {"i":0}\n\ndata: {"i":1}\n\ndata: {"i":2}\n\ndata: [DONE]\n\n'
+    c.send(b"HEAD /t/sse HTTP/1.1\r\nHost: localhost\r\n\r\nGET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    status, headers, _ = c.read_response(head_only=True)
+    assert status == 200 and headers["content-type"] == ["text/event-stream"]
+    status, _, body = c.read_response()       # no stray chunk after the HEAD response
+    assert status == 200 and json.loads(body)["version"] == localai.VERSION
+    c.close()
+
+
+def test_ndjson_error_after_start_is_in_band(inproc):
+    c = Raw(inproc)
+    c.send(b"GET /t/ndjson HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    status, headers, body = c.read_response()
+    assert status == 200 and headers["content-type"] == ["application/x-ndjson"]
+    assert [json.loads(line) for line in body.splitlines()] == [{"i": 0}, {"i": 1}, {"error": "went wrong"}]
+    c.send(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert c.read_response()[0] == 200
+    c.close()
+
+
+def test_sse_errors_before_and_after_the_first_event(inproc):
+    status, _, body = request(inproc, "GET", "/v1/t/early")
+    assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
+    status, _, body = request(inproc, "GET", "/v1/t/late")
+    assert status == 200
+    events = [e for e in body.decode().split("\n\n") if e]
+    assert events[0] == 'data: {"i":0}'
+    assert json.loads(events[1][6:])["error"]["message"] == "went wrong"
+
+
+def test_client_leaving_a_stream_closes_the_generator(inproc):
+    c = Raw(inproc)
+    c.send(b"GET /t/endless HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    while c.buf.count(b"data: ") < 3:
+        c._more()
+    assert not inproc.events["closed"].is_set()
+    c.close()
+    assert inproc.events["closed"].wait(5)      # the engine side was told at once
+
+
+def test_client_leaving_cancels_a_blocking_call(inproc):
+    c = Raw(inproc)
+    c.send(b"GET /t/slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    time.sleep(0.3)
+    assert not inproc.events["cancelled"].is_set()
+    c.close()
+    assert inproc.events["cancelled"].wait(5)   # cancel= was set for the engine call
+    assert request(inproc, "GET", "/api/version")[0] == 200
