@@ -170,12 +170,16 @@ TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                         b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # The same grammar as compiled patterns: the parser is on every request's path,
 # and one regex call per line is several times faster than a Python byte loop.
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+# The head is decoded as latin-1 once (one byte, one character), then matched as text.
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 TOKEN_RE = re.compile(_TOKEN)
-TARGET_BAD_RE = re.compile(rb"[^\x21-\x7e]")          # controls, space, DEL, non-ASCII
-FIELD_RE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)")  # RFC 9110 5.5
+TARGET_BAD_RE = re.compile(r"[^\x21-\x7e]")           # controls, space, DEL, non-ASCII
+FIELD_RE = re.compile("(" + _TOKEN + r"):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)")  # RFC 9110 5.5
+# Every field line of a header block at once: anchored at line starts, so a line
+# that does not match (obs-fold, bad name, control character) is simply missing.
+FIELD_LINES_RE = re.compile(r"^(" + _TOKEN + r"):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\r?$", re.M)
 DIGITS_RE = re.compile(r"[0-9]{1,15}")                   # Content-Length (ASCII digits only)
-VERSION_RE = re.compile(rb"HTTP/[0-9]\.[0-9]")            # RFC 9112 2.3
+VERSION_RE = re.compile(r"HTTP/[0-9]\.[0-9]")             # RFC 9112 2.3
 
 
 class Request:
@@ -232,52 +236,62 @@ def parse_head(head):
     """Parse a request head (bytes, without the final CRLFCRLF) into a Request.
 
     Raises HTTPError(400/414/431/505, close=True) on anything malformed."""
-    crlf = head.count(b"\r\n")
+    crlf = head.count(b"\r\n")                     # = the number of header fields
     if head.count(b"\r") != crlf:
         raise HTTPError(400, "bare CR in request head", close=True)
     if head.count(b"\n") != crlf:
         raise HTTPError(400, "bare LF in request head", close=True)
-    lines = head.split(b"\r\n")
-    request_line = lines[0]
+    text = head.decode("latin-1")
+    line_end = text.find("\r\n")
+    request_line = text if line_end < 0 else text[:line_end]
     if len(request_line) > MAX_REQUEST_LINE:
         raise HTTPError(414, "request line too long", close=True)
-    parts = request_line.split(b" ")
+    parts = request_line.split(" ")
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise HTTPError(400, "malformed request line", close=True)
     method, target, version = parts
     if not TOKEN_RE.fullmatch(method):
         raise HTTPError(400, "malformed method", close=True)
-    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+    if version != "HTTP/1.1" and version != "HTTP/1.0":
         if VERSION_RE.fullmatch(version):                # well-formed, just not ours
             raise HTTPError(505, "HTTP version not supported", close=True)
         raise HTTPError(400, "malformed HTTP version", close=True)
     if TARGET_BAD_RE.search(target):
         raise HTTPError(400, "malformed request target", close=True)
-    if not (target.startswith(b"/") or (method == b"OPTIONS" and target == b"*")):
+    if not (target.startswith("/") or (method == "OPTIONS" and target == "*")):
         raise HTTPError(400, "request target must be an absolute path", close=True)
-    if len(lines) - 1 > MAX_HEADER_COUNT:
+    if crlf > MAX_HEADER_COUNT:
         raise HTTPError(431, "too many header fields", close=True)
-    if len(head) - len(request_line) - 2 > MAX_HEADER_BYTES:
+    if len(text) - len(request_line) - 2 > MAX_HEADER_BYTES:
         raise HTTPError(431, "request header block too large", close=True)
     header_list = []
-    match = FIELD_RE.fullmatch
-    for line in lines[1:]:
-        m = match(line)
-        if m is None:
-            if line[:1] in (b" ", b"\t"):
-                raise HTTPError(400, "obsolete line folding is not allowed", close=True)
-            if FIELD_RE.match(line):
-                raise HTTPError(400, "invalid character in header value", close=True)
-            raise HTTPError(400, "malformed header field", close=True)
-        header_list.append((m[1].decode("ascii").lower(), m[2].rstrip(b" \t").decode("latin-1")))
-    req = Request(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), header_list)
+    if crlf:
+        block = text[line_end + 2:]
+        fields = FIELD_LINES_RE.findall(block)
+        if len(fields) != crlf:
+            _field_error(block)
+        header_list = [(name.lower(), value) for name, value in fields]
+    req = Request(method, target, version, header_list)
     host = req.headers.get("host")               # repeated fields were joined by ", "
     if host is None:
-        if req.version == "HTTP/1.1":
+        if version == "HTTP/1.1":
             raise HTTPError(400, "a Host header is required", close=True)
     elif ", " in host and sum(name == "host" for name, _ in header_list) > 1:
         raise HTTPError(400, "exactly one Host header is allowed", close=True)
     return req
+
+
+def _field_error(block):
+    """Say which rule a header block breaks (the slow path of parse_head)."""
+    for line in block.split("\r\n"):
+        if FIELD_LINES_RE.fullmatch(line):
+            continue
+        if line[:1] in (" ", "\t"):
+            raise HTTPError(400, "obsolete line folding is not allowed", close=True)
+        if FIELD_RE.match(line):
+            raise HTTPError(400, "invalid character in header value", close=True)
+        raise HTTPError(400, "malformed header field", close=True)
+    raise HTTPError(400, "malformed header block", close=True)
 
 
 def body_framing(req):
@@ -508,11 +522,15 @@ def http_date():
     return _date_cache[1]
 
 
+_status_lines = {}
+
+
 def head_bytes(status, headers):
-    lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown")),
-             "Date: " + http_date(), "Server: localai/" + VERSION]
-    lines += ["%s: %s" % (k, v) for k, v in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    start = _status_lines.get(status)
+    if start is None:
+        start = _status_lines[status] = "HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "Unknown"))
+    return (start + "Date: " + http_date() + "\r\nServer: localai/" + VERSION + "\r\n"
+            + "".join(["%s: %s\r\n" % kv for kv in headers]) + "\r\n").encode("latin-1")
 
 
 async def drain(writer):
@@ -1828,6 +1846,17 @@ def host_allowed(app, host_header):
     """DNS-rebinding guard: the Host must be an IP literal or a name of this machine."""
     if host_header is None:
         return True                                       # HTTP/1.0 without Host
+    if host_header in app.hosts_seen:                     # every request asks: remember yeses
+        return True
+    if not _host_allowed(app, host_header):               # (noes are not kept: names get added)
+        return False
+    if len(app.hosts_seen) >= 256:
+        app.hosts_seen.clear()
+    app.hosts_seen.add(host_header)
+    return True
+
+
+def _host_allowed(app, host_header):
     host = host_header.strip().lower()
     if host.startswith("["):
         host = host[1:host.find("]")] if "]" in host else host
@@ -1926,6 +1955,7 @@ class App:
         self.allowed_hosts |= {h.strip().lower() for h in (config.allowed_hosts or "").split(",") if h.strip()}
         self.allowed_origins = {o.strip().rstrip("/").lower()
                                 for o in (config.allowed_origins or "").split(",") if o.strip()}
+        self.hosts_seen = set()      # Host header values already accepted
         self.connections = set()     # connection tasks
         self.conns = set()           # their Connection objects (for reap_timeouts)
         self.busy = set()            # connections with a request in flight
