@@ -2153,6 +2153,8 @@ async def run_handler(conn, req, handler):
     pending = asyncio.get_running_loop().call_soon(start_watching)
     try:
         resp = await handler(req)
+        if not isinstance(resp, (Response, StreamResponse)):   # a bug: a 500, not a dropped connection
+            raise TypeError("handler %s returned %r" % (handler.__name__, type(resp).__name__))
         if isinstance(resp, StreamResponse):
             # Take the first piece before the status line goes out, so an error the
             # engine finds at once (bad model, prompt too long) is a real 4xx.

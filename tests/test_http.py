@@ -9,6 +9,7 @@ clients that misbehave or vanish. The parser is also fed whole and byte by byte.
 import asyncio
 import http.client
 import json
+import logging
 import os
 import socket
 import threading
@@ -850,7 +851,13 @@ def inproc(monkeypatch):
     async def h_slow_plain(req):
         return localai.json_response({"r": await localai.run_blocking(blocking_wait)})
 
-    for path, h in {"/t/sse": h_sse, "/t/ndjson": h_ndjson, "/v1/t/late": h_sse_late_error,
+    async def h_crash(req):
+        raise RuntimeError("secret detail /home/user/.ssh")
+
+    async def h_none(req):
+        return None
+
+    for path, h in {"/t/crash": h_crash, "/v1/t/none": h_none, "/t/sse": h_sse, "/t/ndjson": h_ndjson, "/v1/t/late": h_sse_late_error,
                     "/v1/t/early": h_sse_early_error, "/t/endless": h_endless, "/t/slow": h_slow_plain}.items():
         monkeypatch.setitem(localai.ROUTES, path, localai.Route({"GET": h}))
     server = InProcess()
@@ -919,3 +926,18 @@ def test_client_leaving_cancels_a_blocking_call(inproc):
     c.close()
     assert inproc.events["cancelled"].wait(5)   # cancel= was set for the engine call
     assert request(inproc, "GET", "/api/version")[0] == 200
+
+
+def test_unexpected_exception_is_500_logged_not_shown(inproc, caplog):
+    with caplog.at_level(logging.ERROR, logger="localai"):
+        c = Raw(inproc)
+        c.send(b"GET /t/crash HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        status, headers, first = c.read_response()
+        assert status == 500 and json.loads(first) == {"error": "internal server error"}
+        assert b"secret" not in first and b"Traceback" not in first
+        c.send(b"GET /v1/t/none HTTP/1.1\r\nHost: localhost\r\n\r\n")   # still keep-alive
+        status, headers, body = c.read_response()
+        assert status == 500 and json.loads(body)["error"]["type"] == "server_error"
+        c.close()
+    assert b"secret" not in body and b"Traceback" not in body
+    assert "Traceback" in caplog.text and "secret detail" in caplog.text and "h_none" in caplog.text
