@@ -23,6 +23,14 @@ import localai
 BRIGHTNESS = "/api/services/screen/brightness"
 
 
+@pytest.fixture
+def start_server(start_server):
+    """The shared factory, minus the first-start model import (these servers need no model)."""
+    def start(*args, env=None):
+        return start_server(*args, env=dict({"LOCALAI_NO_AUTO_IMPORT": "1"}, **(env or {})))
+    return start
+
+
 # ---------------------------------------------------------------------------
 # helpers: a raw socket client that parses responses itself
 # ---------------------------------------------------------------------------

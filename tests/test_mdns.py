@@ -13,6 +13,14 @@ zeroconf = pytest.importorskip("zeroconf")
 SERVICE = "_http._tcp.local."
 
 
+@pytest.fixture
+def start_server(start_server):
+    """The shared factory, minus the first-start model import (these servers need no model)."""
+    def start(*args, env=None):
+        return start_server(*args, env=dict({"LOCALAI_NO_AUTO_IMPORT": "1"}, **(env or {})))
+    return start
+
+
 class Watcher:
     """A ServiceBrowser that records which service names are present."""
 

@@ -19,6 +19,14 @@ from conftest import ROOT
 from test_http import BRIGHTNESS, Raw, get_level, request, set_level
 
 
+@pytest.fixture
+def start_server(start_server):
+    """The shared factory, minus the first-start model import (these servers need no model)."""
+    def start(*args, env=None):
+        return start_server(*args, env=dict({"LOCALAI_NO_AUTO_IMPORT": "1"}, **(env or {})))
+    return start
+
+
 def get_json(server, path, headers=None):
     status, hdrs, body = request(server, "GET", path, headers=headers)
     return status, hdrs, json.loads(body) if body else None
@@ -129,6 +137,7 @@ def key_server(server_env, tmp_path_factory):
     from conftest import Server
     env = dict(server_env)
     env["LOCALAI_MODELS_DIR"] = str(tmp_path_factory.mktemp("empty-models"))
+    env["LOCALAI_NO_AUTO_IMPORT"] = "1"
     server = Server(["--no-mdns", "--api-key", "s3cret-key"], env, str(tmp_path_factory.mktemp("cwd")))
     yield server
     server.stop()
