@@ -86,7 +86,7 @@ typedef void (*sgemv_t)(int, int, int, int, float, const float *, int, const flo
                         int, float, float *, int);
 static sgemm_t real_sgemm;
 static sgemv_t real_sgemv;
-static long n_calls, n_gemv, n_small;
+static _Atomic long n_calls, n_gemv, n_small;
 static int small_max = 0;
 enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 
@@ -151,6 +151,13 @@ static void run_rows(const struct job *j, int n0, int n1) {
    takes blocks itself; the helper claims blocks with a compare-and-swap on the same
    ticket. The caller never waits for a helper that has not started: it only waits
    for blocks the helper actually claimed, so a descheduled helper costs nothing. */
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield")
+#else
+#define cpu_relax() do { } while (0)
+#endif
 #define GEN_SHIFT 40
 #define TOT_SHIFT 20
 #define FIELD 0xFFFFFull
@@ -194,7 +201,7 @@ static void *helper(void *arg) {
     int spins = 0;
     while (!has_work(v, last)) {
       if (++spins < spin_limit) {
-        __builtin_ia32_pause();
+        cpu_relax();
       } else {
         pthread_mutex_lock(&mu);
         atomic_store(&helper_sleeping, 1);
@@ -212,17 +219,21 @@ static void *helper(void *arg) {
   return NULL;
 }
 
+static atomic_flag in_use = ATOMIC_FLAG_INIT;
+
 static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda,
                        const float *B, int ldb, float beta, float *C, int ldc) {
   struct job j = {M, N, K, lda, ldb, ldc, N, alpha, beta, A, B, C};
-  if (helpers == 0 || (long)N * K < 65536) {
+  /* Small products, no helper, or another thread (a second MLX stream) already
+     sharing the helper: do it all here. */
+  if (helpers == 0 || (long)N * K < 65536 || atomic_flag_test_and_set(&in_use)) {
     run_rows(&j, 0, N);
     return;
   }
   int rows = 65536 / K;              /* a block of B: ~256 KB, stays in L2 */
   if (rows < 8) rows = 8;
   int blocks = (N + rows - 1) / rows;
-  if (blocks > (int)FIELD) { run_rows(&j, 0, N); return; }
+  if (blocks > (int)FIELD) { run_rows(&j, 0, N); atomic_flag_clear(&in_use); return; }
   j.rows = rows;
   J = j;
   atomic_store(&done_blocks, 0);
@@ -235,7 +246,8 @@ static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda
     pthread_mutex_unlock(&mu);
   }
   do_blocks(gen);
-  while (atomic_load(&done_blocks) < blocks) __builtin_ia32_pause();
+  while (atomic_load(&done_blocks) < blocks) cpu_relax();
+  atomic_flag_clear(&in_use);
 }
 
 int localai_blas_init(const char *path, int smax, int nhelpers) {
@@ -262,9 +274,9 @@ long localai_blas_count(int which) {
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
                  const float *A, int lda, const float *B, int ldb, float beta,
                  float *C, int ldc) {
-  n_calls++;
+  atomic_fetch_add_explicit(&n_calls, 1, memory_order_relaxed);
   if (order == RowMajor && ta == NoTrans && M == 1) {
-    n_gemv++;  /* one row: y = op(B)^T x, a matrix-vector product */
+    atomic_fetch_add_explicit(&n_gemv, 1, memory_order_relaxed);  /* one row: y = op(B)^T x, a matrix-vector product */
     if (tb == Trans)
       real_sgemv(RowMajor, NoTrans, N, K, alpha, B, ldb, A, 1, beta, C, 1);
     else
@@ -273,7 +285,7 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
   }
   if (order == RowMajor && ta == NoTrans && tb == Trans && M >= 2 && M <= small_max
       && ldc >= N) {
-    n_small++;
+    atomic_fetch_add_explicit(&n_small, 1, memory_order_relaxed);
     small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }

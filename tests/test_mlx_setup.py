@@ -44,8 +44,25 @@ for M, N, K in [(1, 1000, 576), (1, 37, 19), (2, 1001, 576), (3, 64, 17), (4, 15
     e3 = float(np.abs(np.array(mx.addmm(mx.ones((M, N)), A, W.T, alpha=0.5, beta=2.0))
                       - (0.5 * ref + 2.0)).max() / (np.abs(ref).max() + 1e-9))
     errs.append(max(e1, e2, e3))
+# Two threads on two MLX streams multiply at once: the shim's shared helper must
+# never mix their jobs.
+import threading
+a = rng.standard_normal((4, 576)).astype(np.float32)
+w = rng.standard_normal((2049, 576)).astype(np.float32)
+ref = a.astype(np.float64) @ w.T.astype(np.float64)
+A, W = mx.array(a), mx.array(w)
+def hammer(out):
+    s = mx.new_stream(mx.cpu)
+    with mx.stream(s):
+        for i in range(30):
+            out.append(float(np.abs(np.array((A * (i + 1)) @ W.T) / (i + 1) - ref).max()))
+res = [[], []]
+ths = [threading.Thread(target=hammer, args=(r,)) for r in res]
+for t in ths: t.start()
+for t in ths: t.join()
+errs.append(max(res[0] + res[1]) / np.abs(ref).max())
 print(json.dumps({"describe": ms.describe(), "before": c0, "after": ms.blas_calls(),
-                  "max_rel_err": max(errs)}))
+                  "max_rel_err": max(errs), "threaded_runs": len(res[0]) + len(res[1])}))
 """
 
 
@@ -58,6 +75,7 @@ def test_configure_routes_mlx_matmuls_through_openblas_and_shim(tmp_path):
     # The wheel's reference BLAS manages ~5 GFLOP/s on a 384^3 gemm; OpenBLAS tens.
     assert d["gemm_gflops"] > 20, d
     assert out["max_rel_err"] < 1e-5
+    assert out["threaded_runs"] == 60
     if d["shim"]:
         before, after = out["before"], out["after"]
         assert after[0] > before[0]          # MLX's cblas_sgemm calls reach the shim
