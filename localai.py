@@ -164,7 +164,12 @@ ENGINE_STATUS = [(engines.BadInput, 400), (engines.NotFound, 404),
 # is found before the body is read, so its body limit applies while reading
 # (413 before a byte is buffered when Content-Length says too much). While a
 # handler runs, a watcher keeps reading: EOF means the client left, which cancels
-# a non-streaming handler and closes a stream.
+# a non-streaming handler and closes a stream (a handler that answers without
+# waiting never gets a watcher: see run_handler). Read timeouts are deadlines that
+# one task, reap_timeouts, enforces for every connection. After an answer sent
+# without reading the body (413, 400...) the connection closes gently
+# (lingering_close), so the client reads the answer instead of a TCP reset.
+# Timeouts are named constants; LOCALAI_<NAME> overrides them (tests use short ones).
 
 TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                         b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
