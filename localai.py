@@ -2263,7 +2263,7 @@ def build_parser():
     env = os.environ.get
     p = argparse.ArgumentParser(prog="localai.py", description="A local AI server (OpenAI and Ollama APIs).")
     p.add_argument("--host", default=env("LOCALAI_HOST", "0.0.0.0"), help="address to bind (LOCALAI_HOST)")
-    p.add_argument("--port", type=int, default=int(env("LOCALAI_PORT", DEFAULT_PORT)),
+    p.add_argument("--port", type=int, default=env("LOCALAI_PORT", str(DEFAULT_PORT)),  # argparse checks it
                    help="port, 0 for any free one (LOCALAI_PORT)")
     p.add_argument("--no-mdns", action="store_true", default=env("LOCALAI_NO_MDNS", "") not in ("", "0"),
                    help="do not announce with Bonjour (LOCALAI_NO_MDNS=1)")
@@ -2276,7 +2276,8 @@ def build_parser():
                    help="comma-separated browser origins allowed (scheme://host matches any port, "
                         "scheme://host:port that port); * for any (LOCALAI_ALLOWED_ORIGINS)")
     p.add_argument("--allowed-hosts", default=env("LOCALAI_ALLOWED_HOSTS", ""),
-                   help="extra Host names accepted besides IPs, localhost and this machine's names; * for any")
+                   help="extra Host names accepted besides IPs, localhost and this machine's names; "
+                        "* for any (LOCALAI_ALLOWED_HOSTS)")
     p.add_argument("--allow-image-urls", action="store_true",
                    default=env("LOCALAI_ALLOW_IMAGE_URLS", "") not in ("", "0"),
                    help="let requests name http(s) image URLs (LOCALAI_ALLOW_IMAGE_URLS=1)")
@@ -2287,8 +2288,8 @@ def build_parser():
     p.add_argument("--state-dir", default=default_state_dir(), help="where settings are kept (LOCALAI_STATE_DIR)")
     p.add_argument("--backlight-root", default=env("LOCALAI_BACKLIGHT_ROOT", "/sys/class/backlight"),
                    help="sysfs backlight directory (LOCALAI_BACKLIGHT_ROOT)")
-    p.add_argument("--log-level", default=env("LOCALAI_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"], help="(LOCALAI_LOG_LEVEL)")
+    p.add_argument("--log-level", default=env("LOCALAI_LOG_LEVEL", "info").lower(),
+                   choices=LOG_LEVELS, help="(LOCALAI_LOG_LEVEL)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("import", help="import a GGUF file into the model store")
     s.add_argument("file")
@@ -2461,8 +2462,14 @@ async def serve(config):
     return 0
 
 
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
 def main(argv=None):
-    config = build_parser().parse_args(argv)
+    parser = build_parser()
+    config = parser.parse_args(argv)
+    if config.log_level not in LOG_LEVELS:           # argparse checks choices on flags, not defaults
+        parser.error("LOCALAI_LOG_LEVEL must be one of %s" % ", ".join(LOG_LEVELS))
     logging.basicConfig(level=getattr(logging, config.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"import": cmd_import, "pull": cmd_pull, "list": cmd_list, "pull-speech": cmd_pull_speech}

@@ -338,7 +338,8 @@ def test_help_is_instant_and_documents_env():
     out = subprocess.run([sys.executable, str(ROOT / "localai.py"), "--help"], capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 0
-    for name in ("HOST", "PORT", "NO_MDNS", "MODELS_DIR", "MODEL", "API_KEY", "ALLOWED_ORIGINS", "LOG_LEVEL"):
+    for name in ("HOST", "PORT", "NO_MDNS", "MODELS_DIR", "MODEL", "API_KEY", "ALLOWED_ORIGINS", "LOG_LEVEL",
+                 "ALLOWED_HOSTS", "STATE_DIR", "BACKLIGHT_ROOT"):
         assert "LOCALAI_" + name in out.stdout
     # "instant": importing the server pulls in no engine library
     probe = subprocess.run([sys.executable, "-c", "import sys; sys.argv=['x','--help'];\n"
@@ -368,6 +369,14 @@ def test_defaults_and_env_variables(monkeypatch):
         "127.0.0.2", 8089, True, "/m", "smollm2", "k", "https://a.example", "debug", "h.example", "/s", "/b")
     c = localai.build_parser().parse_args(["--port", "9000", "--api-key", "other"])
     assert (c.port, c.api_key) == (9000, "other")                 # flags beat the environment
+
+
+@pytest.mark.parametrize("name,value,says", [("LOCALAI_PORT", "abc", "--port"),
+                                              ("LOCALAI_LOG_LEVEL", "verbose", "LOCALAI_LOG_LEVEL")])
+def test_bad_environment_is_a_usage_error(name, value, says):
+    out = subprocess.run([sys.executable, str(ROOT / "localai.py"), "--no-mdns"], capture_output=True,
+                         text=True, timeout=30, env=dict(os.environ, **{name: value}))
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr
 
 
 def test_api_key_from_environment(start_server):
