@@ -10,6 +10,8 @@ import os
 import threading
 from pathlib import Path
 
+from engines import Unavailable
+
 DEFAULT_LEVEL = 1.0
 
 
@@ -53,9 +55,15 @@ class Brightness:
             if found:
                 dev, maximum = found
                 raw = round(level * maximum)
-                (dev / "brightness").write_text("%d\n" % raw)
+                try:
+                    (dev / "brightness").write_text("%d\n" % raw)
+                except OSError as exc:           # EIO, EINVAL from the driver...: say so, no path
+                    raise Unavailable("cannot set the screen brightness: %s" % (exc.strerror or exc))
                 return round(raw / maximum, 4)
-            self._save(level)
+            try:
+                self._save(level)
+            except OSError as exc:
+                raise Unavailable("cannot save the brightness setting: %s" % (exc.strerror or exc))
             return level
 
     def _saved(self):

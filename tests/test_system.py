@@ -120,6 +120,18 @@ def test_brightness_drives_a_sysfs_backlight(start_server, tmp_path):
     assert (root / "acpi_video0" / "brightness").read_text().strip() == "0"
 
 
+def test_a_failing_backlight_is_503_not_a_crash(start_server, tmp_path):
+    root = tmp_path / "backlight"
+    dev = root / "broken"
+    (dev / "brightness").mkdir(parents=True)              # writing it fails (EISDIR)
+    (dev / "max_brightness").write_text("100\n")
+    server = start_server("--backlight-root", str(root))
+    status, _, body = post_json(server, BRIGHTNESS, {"brightness": 0.5})
+    assert status == 503 and "cannot set the screen brightness" in body["error"]
+    assert str(tmp_path) not in body["error"]
+    assert get_json(server, "/status")[0] == 200
+
+
 def test_software_brightness_survives_restart(start_server, tmp_path):
     env = {"LOCALAI_STATE_DIR": str(tmp_path / "state"), "LOCALAI_BACKLIGHT_ROOT": str(tmp_path / "none")}
     server = start_server(env=env)
