@@ -386,6 +386,18 @@ def test_wire_boundary_and_part_limits(srv):
     for size, want in ((limit, 200), (limit + 1, 413)):
         st, _, payload = raw_post(srv.port, form(part("model", "m"), part("prompt", "p" * size), part("file", wav, "a.wav")))
         assert st == want, payload
+    n = localai.MULTIPART_MAX_PART_HEADERS                  # header lines of the file part
+    for count, want in ((n, 200), (n + 1, 400)):
+        extra = ["X-H%d: v" % i for i in range(count - 2)]   # + Content-Disposition, Content-Type
+        st, _, payload = raw_post(srv.port, form(part("model", "m"), part("file", wav, "a.wav", "audio/wav", extra)))
+        assert st == want, payload
+    limit = localai.MULTIPART_MAX_PART_HEADER_BYTES          # bytes of the file part's header block
+    base = len('Content-Disposition: form-data; name="file"; filename="a.wav"\r\nX-Pad: ')
+    for size, want in ((limit, 200), (limit + 1, 400)):
+        p = part("file", wav, "a.wav", extra_headers=["X-Pad: " + "p" * (size - base)])
+        assert len(p.split(b"\r\n\r\n")[0]) == size
+        st, _, payload = raw_post(srv.port, form(part("model", "m"), p))
+        assert st == want, payload
 
 
 def test_wire_file_limit_and_26mb_upload(srv):
