@@ -178,13 +178,16 @@ def _decode_ffmpeg(data, ext, cancel):
     if exe is None:
         raise Unavailable("ffmpeg is not installed; it is needed to decode "
                           "audio other than PCM WAV")
-    with tempfile.TemporaryDirectory(prefix="localai-audio-") as tmp:
-        path = os.path.join(tmp, "input." + (ext or "bin"))
-        with open(path, "xb") as f:
-            f.write(data)
-        cmd = ffmpeg_command(path)
-        cmd[0] = exe
-        pcm = _run(cmd, cancel)
+    try:
+        with tempfile.TemporaryDirectory(prefix="localai-audio-") as tmp:
+            path = os.path.join(tmp, "input." + (ext or "bin"))
+            with open(path, "xb") as f:
+                f.write(data)
+            cmd = ffmpeg_command(path)
+            cmd[0] = exe
+            pcm = _run(cmd, cancel)
+    except OSError as exc:          # no room in TMPDIR, ffmpeg not executable, ...
+        raise Unavailable("audio decoding failed on the server: %s" % (exc.strerror or "OS error")) from None
     pcm = pcm[:len(pcm) - len(pcm) % SAMPLE_WIDTH]
     if not pcm:
         raise invalid("could not decode the file" + (f" as {ext}" if ext else ""))
