@@ -46,9 +46,18 @@ web.run_app(app, sock=sock, access_log=None, print=None, handle_signals=True)
 ''' % STATUS_BODY
 
 
+CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+PIN = False                     # --pin: servers on the last CPU, the load generator on the first
+
+
+def pinned(cpu):
+    return (lambda: os.sched_setaffinity(0, {cpu})) if PIN else None
+
+
 def start(cmd, env=None):
     """Start a server subprocess; return (proc, port) once it says where it listens."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=pinned(CPUS[-1]) if PIN else None)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -88,7 +97,8 @@ def _ms(text):
 
 def run_wrk(port, connections, seconds):
     out = subprocess.run(["wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds, "--latency",
-                          "http://127.0.0.1:%d/status" % port], capture_output=True, text=True, check=True).stdout
+                          "http://127.0.0.1:%d/status" % port], capture_output=True, text=True, check=True,
+                         preexec_fn=pinned(CPUS[0]) if PIN else None).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))
@@ -126,7 +136,8 @@ async def _client(port, connections, seconds):
 
 def run_python_client(port, connections, seconds):
     out = subprocess.run([sys.executable, __file__, "--client", str(port), str(connections), str(seconds)],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True,
+                         preexec_fn=pinned(CPUS[0]) if PIN else None).stdout
     return json.loads(out)
 
 
@@ -137,6 +148,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--python-client", action="store_true", help="use the asyncio client even if wrk exists")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin the servers to the last CPU and the load generator to the first (a quiet machine)")
     ap.add_argument("--client", nargs=3, metavar=("PORT", "CONNECTIONS", "SECONDS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
@@ -144,6 +157,8 @@ def main():
         print(json.dumps(asyncio.run(_client(port, conns, secs))))
         return 0
 
+    global PIN
+    PIN = args.pin and len(CPUS) >= 2
     load = run_wrk if shutil.which("wrk") and not args.python_client else run_python_client
     tmp = tempfile.mkdtemp(prefix="http-bench-")
     env = dict(os.environ, LOCALAI_NO_AUTO_IMPORT="1", LOCALAI_STATE_DIR=tmp, LOCALAI_MODELS_DIR=tmp)
@@ -153,8 +168,9 @@ def main():
     script.write_text(AIOHTTP_SERVER)
     ref = start([sys.executable, str(script)])
     servers = {"localai": ours, "aiohttp": ref}
-    print("load generator: %s; %d round(s) of %d s per point; median of rounds"
-          % ("wrk -t1" if load is run_wrk else "asyncio client", args.rounds, args.seconds))
+    print("load generator: %s; %d round(s) of %d s per point; median of rounds; %s"
+          % ("wrk -t1" if load is run_wrk else "asyncio client", args.rounds, args.seconds,
+             "servers pinned to CPU %d, load to CPU %d" % (CPUS[-1], CPUS[0]) if PIN else "not pinned"))
     try:
         for name, (proc, port) in servers.items():          # warm up both
             load(port, 8, 1)
