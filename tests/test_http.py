@@ -188,6 +188,21 @@ def test_connection_close_is_honoured(module_server):
     assert c.closed_by_server()
 
 
+@pytest.mark.parametrize("value,version,stays", [
+    ("keep-alive, close", "1.1", False), ("Close", "1.1", False), ("TE, close", "1.1", False),
+    ("keep-alive", "1.1", True), ("upgrade", "1.1", True),
+    ("Keep-Alive", "1.0", True), ("keep-alive, close", "1.0", False), ("te", "1.0", False),
+])
+def test_connection_header_is_a_token_list(module_server, value, version, stays):
+    c = Raw(module_server)
+    c.send(b"GET /status HTTP/%s\r\n%sConnection: %s\r\n\r\n" % (version.encode(), host(module_server),
+                                                                   value.encode()))
+    status, headers, _ = c.read_response()
+    assert status == 200
+    assert c.closed_by_server(timeout=1) is not stays
+    c.close()
+
+
 def test_http10_closes_and_http10_keep_alive_stays(module_server):
     c = Raw(module_server)
     c.send(b"GET /status HTTP/1.0\r\n\r\n")      # no Host needed in 1.0
