@@ -392,14 +392,15 @@ class Connection:
         return data
 
     async def read_line(self, limit):
+        """A CRLF-terminated line of at most `limit` bytes (chunk sizes, trailers)."""
         while True:
             end = self.buf.find(b"\r\n")
+            if end > limit or (end < 0 and len(self.buf) > limit + 1):   # + a CR whose LF is coming
+                raise HTTPError(400, "chunk framing line too long", close=True)
             if end >= 0:
                 line = bytes(self.buf[:end])
                 del self.buf[:end + 2]
                 return line
-            if len(self.buf) > limit:
-                raise HTTPError(400, "chunk framing line too long", close=True)
             if self.eof or not await self._fill(BODY_IDLE_TIMEOUT):
                 raise ConnectionResetError("client closed mid-body")
 

@@ -471,6 +471,45 @@ def test_body_limit_chunked(module_server):
     assert get_level(module_server) == 0.45
 
 
+def chunked_with(size_line, trailer=b""):
+    payload = b'{"brightness": 0.46}'
+    assert size_line.startswith(b"%x" % len(payload))
+    return (b"POST " + BRIGHTNESS.encode() + b" HTTP/1.1\r\nHost: localhost\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + size_line + b"\r\n" + payload + b"\r\n0\r\n"
+            + trailer + b"\r\n")
+
+
+def test_chunk_size_line_limit(module_server):
+    for size, status in ((localai.MAX_CHUNK_LINE, 200), (localai.MAX_CHUNK_LINE + 1, 400)):
+        line = b"14;x=" + b"e" * (size - 5)
+        assert len(line) == size
+        for step in (None, 1):
+            data = chunked_with(line)
+            c = Raw(module_server)
+            if step:
+                head_end = data.index(b"\r\n\r\n") + 4
+                c.send(data[:head_end])
+                for i in range(head_end, len(data)):
+                    try:
+                        c.send(data[i:i + 1])
+                    except (BrokenPipeError, ConnectionResetError):
+                        break
+            else:
+                c.send(data)
+            assert c.read_response()[0] == status, (size, step)
+            c.close()
+
+
+def test_trailer_limit(module_server):
+    limit = localai.MAX_TRAILER_BYTES
+    for size, status in ((limit, 200), (limit + 1, 400)):
+        trailer = b"X-T: " + b"t" * (size - 5) + b"\r\n"
+        c = Raw(module_server)
+        c.send(chunked_with(b"14", trailer))
+        assert c.read_response()[0] == status, size
+        c.close()
+
+
 def test_get_route_refuses_a_body(module_server):
     status, _, _ = request(module_server, "GET", "/status", b"x")
     assert status == 413
