@@ -289,3 +289,15 @@ def test_concurrent_requests_share_one_batch(models_dir):
     assert llm.stats()["peak_batch"] == 4
     assert all(out[i][1].done and 0 < out[i][1].completion_tokens <= 12 for i in range(4))
     assert out[0][0] == alone_seeded[0]
+
+
+def test_api_chat_without_model_uses_configured_then_first_installed(server, start_server, store):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    # no --model: the first installed model ('broken-model' sorts first) is tried
+    status, _, data = post(server, "/api/chat", {"messages": msgs})
+    assert status == 503 and "broken-model" in json.loads(data)["error"]
+    # --model wins over the first installed
+    configured = start_server("--model", MODEL, env={"LOCALAI_MODELS_DIR": str(store)})
+    status, _, data = post(configured, "/api/chat", {"messages": msgs, "options": {"temperature": 0}})
+    body = json.loads(data)
+    assert status == 200 and body["model"] == MODEL and "Paris" in body["message"]["content"]
