@@ -945,7 +945,9 @@ async def h_api_ps(req):
         size = extra.get("weights_bytes") if isinstance(extra.get("weights_bytes"), int) else info.size
         entry.update({"size": size, "size_vram": size if extra.get("device") == "gpu" else 0,
                       "expires_at": iso_time(expires_at) if expires_at is not None else None,
-                      "context_length": info.context_length})
+                      "context_length": info.context_length,
+                      # what the engine chose (device, dtype, BLAS, why) and its counters
+                      "engine": extra})
         models.append(entry)
     return json_response({"models": models})
 
