@@ -31,7 +31,9 @@ agree with the quantized model within float16 rounding (tests/test_mlx_setup.py)
 Switches (environment, or the same-named lower-case attribute on the config):
     LOCALAI_MLX_BLAS        auto (shim if a C compiler exists, else OpenBLAS) |
                             openblas | off
-    LOCALAI_BLAS_THREADS    OpenBLAS threads (default: the CPUs we may run on)
+    LOCALAI_BLAS_THREADS    BLAS threads (default: the CPUs we may run on, or 1 when
+                            other processes already keep a CPU busy at start: on a
+                            shared 2-core box one thread measured faster)
     LOCALAI_MLX_MEMORY_BUDGET  bytes the float32 copy may take ("512M", "4G", "0"
                             disables dequantizing)
     LOCALAI_MLX_DTYPE       auto | float32 | keep
@@ -65,6 +67,11 @@ OPENBLAS_CANDIDATES = (
 # 576x49152 head at 4 rows 4.4 ms vs OpenBLAS's packing sgemm 8 ms; at 8 rows
 # 17 vs 32 ms measured on a loaded machine. Above this OpenBLAS's blocked gemm wins.
 SMALL_M = 8
+# A machine where other processes already keep this many CPUs busy when MLX starts
+# gets one BLAS thread: threads that wait for each other at every split product
+# lose more to a descheduled partner than they gain (measured, see _configure).
+BUSY_CORES = 0.75
+BUSY_SAMPLE_SECONDS = 0.2
 # Default memory budget for a float32 copy of the weights: a quarter of physical
 # RAM, so the copy never crowds out the KV caches, other models, or the desktop.
 DEFAULT_BUDGET_FRACTION = 0.25
@@ -386,7 +393,17 @@ def _configure(config):
         reasons.append("no system OpenBLAS found (Debian: apt install libopenblas0-pthread); "
                        "MLX's bundled reference BLAS is slow")
         return
-    threads = int(_setting(config, "blas_threads", 0) or 0) or _cpus()
+    threads = int(_setting(config, "blas_threads", 0) or 0)
+    if not threads:
+        threads = _cpus()
+        busy = _others_cpu_use() if threads > 1 else 0.0
+        if busy >= BUSY_CORES:
+            # Measured under load ~5 on 2 cores: one thread gave prefill 236-251 vs
+            # 181-204 tok/s and 4 streams 47-67 vs 37-39 tok/s; a thread that is
+            # descheduled makes the other wait at every split product.
+            reasons.append(f"other processes were using {busy:.1f} of {_cpus()} CPUs: one "
+                           "BLAS thread (LOCALAI_BLAS_THREADS overrides)")
+            threads = 1
     # OpenBLAS reads these when it loads; an operator's own setting wins.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads))
     _state["blas_threads"] = int(os.environ["OPENBLAS_NUM_THREADS"])
@@ -402,6 +419,31 @@ def _configure(config):
             _load_with_shim(lib, path)
             return
     _load_openblas(path)
+
+
+def _cpu_times():
+    """(all CPUs' jiffies, their idle jiffies, this process's jiffies)."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:9]]
+    with open("/proc/self/stat") as f:
+        st = f.read()
+    fields = st[st.rindex(")") + 2:].split()
+    return sum(vals), vals[3] + vals[4], int(fields[11]) + int(fields[12])
+
+
+def _others_cpu_use(interval=BUSY_SAMPLE_SECONDS):
+    """CPUs' worth of work other processes are doing right now (0.0 if unknown)."""
+    try:
+        t0, i0, s0 = _cpu_times()
+        time.sleep(interval)
+        t1, i1, s1 = _cpu_times()
+        ncpu = os.cpu_count() or 1
+        dt = t1 - t0
+        if dt <= 0:
+            return 0.0
+        return max(0.0, ((dt - (i1 - i0)) - (s1 - s0)) / dt * ncpu)
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _has_avx512():

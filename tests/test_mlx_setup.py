@@ -68,8 +68,11 @@ print(json.dumps({"describe": ms.describe(), "before": c0, "after": ms.blas_call
 
 @pytest.mark.skipif(not OPENBLAS.exists(), reason="Debian libopenblas0-pthread not installed")
 def test_configure_routes_mlx_matmuls_through_openblas_and_shim(tmp_path):
-    out = run_py(SHIM_CHECK, env={"LOCALAI_CACHE_DIR": str(tmp_path)})
+    # Two threads forced, so the helper thread's shared path is the one checked.
+    out = run_py(SHIM_CHECK, env={"LOCALAI_CACHE_DIR": str(tmp_path),
+                                  "LOCALAI_BLAS_THREADS": "2"})
     d = out["describe"]
+    assert d["blas_threads"] == 2
     assert d["device"] == "cpu"
     assert "OpenBLAS" in d["blas"], d
     # The wheel's reference BLAS manages ~5 GFLOP/s on a 384^3 gemm; OpenBLAS tens.
@@ -81,7 +84,14 @@ def test_configure_routes_mlx_matmuls_through_openblas_and_shim(tmp_path):
         assert after[0] > before[0]          # MLX's cblas_sgemm calls reach the shim
         assert after[1] > before[1]          # one-row products went to sgemv
         assert after[2] > before[2]          # 2..4-row products to the small kernel
+        assert d["shim_helpers"] == 1
         assert list(tmp_path.glob("mlx_setup/libblasshim-*.so"))
+
+
+def test_busy_machine_measure():
+    from engines.mlx_setup import _others_cpu_use
+    busy = _others_cpu_use(0.05)
+    assert 0.0 <= busy <= (os.cpu_count() or 1) + 0.5
 
 
 def test_blas_off_leaves_mlx_alone():
