@@ -2473,6 +2473,10 @@ def main(argv=None):
     config = parser.parse_args(argv)
     if config.log_level not in LOG_LEVELS:           # argparse checks choices on flags, not defaults
         parser.error("LOCALAI_LOG_LEVEL must be one of %s" % ", ".join(LOG_LEVELS))
+    # The access log writes a line per request: skip the record fields our format never
+    # shows (the logging HOWTO's "Optimization" knobs); a third of the cost of a line.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(level=getattr(logging, config.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"import": cmd_import, "pull": cmd_pull, "list": cmd_list, "pull-speech": cmd_pull_speech}
