@@ -6,7 +6,8 @@ server answering the same JSON, in the same run.
     python bench/http_bench.py --rounds 1 --seconds 2
 
 Both servers run as subprocesses, each on one event loop, with access logs off
-(ours: --log-level warning; aiohttp: access_log=None). The load comes from a
+(ours: --log-level warning; aiohttp: access_log=None), or both with an access
+line per request to a file with --access-log. The load comes from a
 third process: `wrk` (Debian package `wrk`) when it is installed, else a small
 asyncio client (`--client` mode of this script; slower, so the ratios then say
 less). Every connection is keep-alive and sends `GET /status` back to back.
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STATUS_BODY = b'{"status":"Running","message":"Server is currently running."}'
 
 AIOHTTP_SERVER = r'''
-import socket, sys
+import logging, socket, sys
 from aiohttp import web
 BODY = %r
 async def status(request):
@@ -42,7 +43,11 @@ sock = socket.socket()
 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 sock.bind(("127.0.0.1", 0))
 print("listening on 127.0.0.1:%%d" %% sock.getsockname()[1], flush=True)
-web.run_app(app, sock=sock, access_log=None, print=None, handle_signals=True)
+access = None
+if sys.argv[1:] == ["--access-log"]:
+    logging.basicConfig(level=logging.INFO, format="%%(asctime)s %%(levelname)s %%(name)s: %%(message)s")
+    access = logging.getLogger("aiohttp.access")
+web.run_app(app, sock=sock, access_log=access, print=None, handle_signals=True)
 ''' % STATUS_BODY
 
 
@@ -54,20 +59,20 @@ def pinned(cpu):
     return (lambda: os.sched_setaffinity(0, {cpu})) if PIN else None
 
 
-def start(cmd, env=None):
-    """Start a server subprocess; return (proc, port) once it says where it listens."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+def start(cmd, log_path, env=None):
+    """Start a server subprocess logging to a file; return (proc, port) once it listens."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             preexec_fn=pinned(CPUS[-1]) if PIN else None)
+    log.close()
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"listening on \S+:(\d+)", line)
+    while time.monotonic() < deadline and proc.poll() is None:
+        m = re.search(r"listening on \S+:(\d+)", Path(log_path).read_text())
         if m:
             return proc, int(m.group(1))
+        time.sleep(0.05)
     proc.kill()
-    raise SystemExit("server did not start: %s" % " ".join(cmd))
+    raise SystemExit("server did not start: %s\n%s" % (" ".join(cmd), Path(log_path).read_text()))
 
 
 def cpu_seconds(pid):
@@ -150,6 +155,8 @@ def main():
     ap.add_argument("--python-client", action="store_true", help="use the asyncio client even if wrk exists")
     ap.add_argument("--pin", action="store_true",
                     help="pin the servers to the last CPU and the load generator to the first (a quiet machine)")
+    ap.add_argument("--access-log", action="store_true",
+                    help="both servers write an access line per request (to a file), as in normal use")
     ap.add_argument("--client", nargs=3, metavar=("PORT", "CONNECTIONS", "SECONDS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
@@ -162,14 +169,16 @@ def main():
     load = run_wrk if shutil.which("wrk") and not args.python_client else run_python_client
     tmp = tempfile.mkdtemp(prefix="http-bench-")
     env = dict(os.environ, LOCALAI_NO_AUTO_IMPORT="1", LOCALAI_STATE_DIR=tmp, LOCALAI_MODELS_DIR=tmp)
-    ours = start([sys.executable, str(ROOT / "localai.py"), "--host", "127.0.0.1", "--port", "0",
-                  "--no-mdns", "--log-level", "warning"], env)
+    ours = start([sys.executable, str(ROOT / "localai.py"), "--host", "127.0.0.1", "--port", "0", "--no-mdns",
+                  "--log-level", "info" if args.access_log else "warning"], Path(tmp) / "localai.log", env)
     script = Path(tmp) / "aiohttp_server.py"
     script.write_text(AIOHTTP_SERVER)
-    ref = start([sys.executable, str(script)])
+    ref = start([sys.executable, str(script)] + (["--access-log"] if args.access_log else []),
+                Path(tmp) / "aiohttp.log")
     servers = {"localai": ours, "aiohttp": ref}
-    print("load generator: %s; %d round(s) of %d s per point; median of rounds; %s"
+    print("load generator: %s; %d round(s) of %d s per point; median of rounds; access log %s; %s"
           % ("wrk -t1" if load is run_wrk else "asyncio client", args.rounds, args.seconds,
+             "on" if args.access_log else "off",
              "servers pinned to CPU %d, load to CPU %d" % (CPUS[-1], CPUS[0]) if PIN else "not pinned"))
     try:
         for name, (proc, port) in servers.items():          # warm up both
