@@ -577,6 +577,8 @@ def _pack(codes, bits):
 
 def _convert_weights(src, tensors, offsets, progress):
     """Read every tensor, rename to mlx-lm paths, derive per-layer quantization."""
+    from . import mlx_setup
+    mlx_setup.configure()       # MLX binds its BLAS at first import: let the fast one win
     import mlx.core as mx
 
     out, per_layer = {}, {}
