@@ -179,6 +179,22 @@ def test_api_key_accepted_as_bearer_or_x_api_key(key_server):
     assert status == 200 and 0 <= body["brightness"] <= 1
 
 
+def test_no_100_continue_without_the_key(key_server):
+    c = Raw(key_server)
+    c.send(b"POST " + BRIGHTNESS.encode() + b" HTTP/1.1\r\nHost: localhost\r\n"
+           b"Expect: 100-continue\r\nContent-Length: 20\r\n\r\n")
+    status, headers, body = c.read_response()
+    assert status == 401 and headers["connection"] == ["close"] and b"100 Continue" not in c.buf
+    c.close()
+    c = Raw(key_server)
+    c.send(b"POST " + BRIGHTNESS.encode() + b" HTTP/1.1\r\nHost: localhost\r\nX-Api-Key: s3cret-key\r\n"
+           b"Expect: 100-continue\r\nContent-Length: 20\r\n\r\n")
+    assert c.read_response()[0] == 100
+    c.send(b'{"brightness": 0.5} ')
+    assert c.read_response()[0] == 200
+    c.close()
+
+
 def test_public_routes_need_no_key(key_server):
     assert request(key_server, "HEAD", "/")[0] == 200
     status, _, body = get_json(key_server, "/status")
