@@ -2264,7 +2264,11 @@ def default_state_dir():
 
 def build_parser():
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="localai.py", description="A local AI server (OpenAI and Ollama APIs).")
+    p = argparse.ArgumentParser(
+        prog="localai.py", description="A local AI server (OpenAI and Ollama APIs).",
+        epilog="Timeouts in seconds: LOCALAI_HEADER_TIMEOUT (%g), LOCALAI_BODY_IDLE_TIMEOUT (%g), "
+               "LOCALAI_KEEPALIVE_TIMEOUT (%g), LOCALAI_SEND_STALL_TIMEOUT (%g), LOCALAI_DRAIN_TIMEOUT (%g)."
+               % (HEADER_TIMEOUT, BODY_IDLE_TIMEOUT, KEEPALIVE_TIMEOUT, SEND_STALL_TIMEOUT, DRAIN_TIMEOUT))
     p.add_argument("--host", default=env("LOCALAI_HOST", "0.0.0.0"), help="address to bind (LOCALAI_HOST)")
     p.add_argument("--port", type=int, default=env("LOCALAI_PORT", str(DEFAULT_PORT)),  # argparse checks it
                    help="port, 0 for any free one (LOCALAI_PORT)")

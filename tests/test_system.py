@@ -369,6 +369,8 @@ def test_help_is_instant_and_documents_env():
     for name in ("HOST", "PORT", "NO_MDNS", "MODELS_DIR", "MODEL", "API_KEY", "ALLOWED_ORIGINS", "LOG_LEVEL",
                  "ALLOWED_HOSTS", "STATE_DIR", "BACKLIGHT_ROOT"):
         assert "LOCALAI_" + name in out.stdout
+    flat = " ".join(out.stdout.split())
+    assert "LOCALAI_HEADER_TIMEOUT (10)" in flat and "LOCALAI_DRAIN_TIMEOUT (10)" in flat
     # "instant": importing the server pulls in no engine library
     probe = subprocess.run([sys.executable, "-c", "import sys; sys.argv=['x','--help'];\n"
                             "import localai\n"
