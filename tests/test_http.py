@@ -452,6 +452,21 @@ def test_body_limit_content_length(module_server):
     assert get_level(module_server) == 0.44
 
 
+def test_early_413_survives_a_client_that_sends_the_body_anyway(module_server):
+    # No Expect: the client sends head and body at once. The server answers 413
+    # without reading the body, then closes gently, so the answer is not lost
+    # to a TCP reset caused by the unread bytes.
+    for _ in range(3):
+        c = Raw(module_server)
+        body = b" " * (3 * localai.BODY_SMALL)
+        c.send(b"POST " + BRIGHTNESS.encode() + b" HTTP/1.1\r\n" + host(module_server)
+               + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        status, headers, _ = c.read_response()
+        assert status == 413 and headers["connection"] == ["close"]
+        assert c.closed_by_server()
+        c.close()
+
+
 def test_body_limit_chunked(module_server):
     limit = localai.BODY_SMALL
     for size, status in ((limit, 200), (limit + 1, 413)):
