@@ -928,13 +928,24 @@ def inproc(monkeypatch):
     async def h_slow_plain(req):
         return localai.json_response({"r": await localai.run_blocking(blocking_wait)})
 
+    async def flood():
+        try:
+            while True:
+                events["produced"] = events.get("produced", 0) + 1
+                yield {"pad": "x" * 1000}
+        finally:
+            events["closed"].set()
+
+    async def h_flood(req):
+        return localai.sse_response(flood())
+
     async def h_crash(req):
         raise RuntimeError("secret detail /home/user/.ssh")
 
     async def h_none(req):
         return None
 
-    for path, h in {"/t/crash": h_crash, "/v1/t/none": h_none, "/t/sse": h_sse, "/t/ndjson": h_ndjson, "/v1/t/late": h_sse_late_error,
+    for path, h in {"/t/flood": h_flood, "/t/crash": h_crash, "/v1/t/none": h_none, "/t/sse": h_sse, "/t/ndjson": h_ndjson, "/v1/t/late": h_sse_late_error,
                     "/v1/t/early": h_sse_early_error, "/t/endless": h_endless, "/t/slow": h_slow_plain}.items():
         monkeypatch.setitem(localai.ROUTES, path, localai.Route({"GET": h}))
     server = InProcess()
@@ -1018,3 +1029,22 @@ def test_unexpected_exception_is_500_logged_not_shown(inproc, caplog):
         c.close()
     assert b"secret" not in body and b"Traceback" not in body
     assert "Traceback" in caplog.text and "secret detail" in caplog.text and "h_none" in caplog.text
+
+
+def test_stream_backpressure_pauses_the_producer(inproc):
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", inproc.port))
+    sock.sendall(b"GET /t/flood HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    time.sleep(1.0)                                  # read nothing: buffers fill, drain waits
+    first = inproc.events.get("produced", 0)
+    time.sleep(1.0)
+    assert first > 10 and inproc.events["produced"] == first   # paused, not buffering forever
+    assert not inproc.events["closed"].is_set()
+    got = 0
+    sock.settimeout(5)
+    while got < 2_000_000:                            # reading lets it go on
+        got += len(sock.recv(1 << 16))
+    assert inproc.events["produced"] > first
+    sock.close()
+    assert inproc.events["closed"].wait(5)
