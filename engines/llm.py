@@ -42,15 +42,19 @@ Knobs (environment; defaults in the limits below):
     LOCALAI_LLM_QUEUE       requests that may wait for a batch slot (16); more -> Busy
     LOCALAI_LLM_MAX_LOADED  language models resident at once (2)
 
-engines/vlm.py reuses _check_request, _make_sampler, _find_stop, _safe_prefix_len,
-_ensure_mlx, _short and the limits: keep those names.
+Shared with engines/vlm.py (its public interface beside generate/load/unload/
+loaded): the types ``GenRequest``/``Chunk``, ``check_request``, ``ensure_mlx``,
+``prepare_model``, ``free_mlx_memory``, the keep-alive bookkeeping of a resident
+model (``Resident``, ``next_expiry``), ``done_chunk``, ``short_error``,
+``load_error`` and the limits DEFAULT_KEEP_ALIVE, MAX_QUEUE, PREFILL_STEP,
+DEFAULT_CONTEXT. The sampler and the stop-sequence filter both engines use are in
+engines/sampling.py.
 """
 import atexit
 import gc
 import logging
 import os
 import queue
-import random
 import threading
 import time
 from collections import deque
@@ -58,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import BadInput, Busy, EngineError, Unavailable
+from .sampling import StopFilter, make_sampler
 
 log = logging.getLogger("localai.llm")
 
@@ -96,6 +101,20 @@ class Chunk:
     load_seconds: float = 0.0
     prompt_seconds: float = 0.0
     generate_seconds: float = 0.0
+
+
+def done_chunk(reason, *, prompt_tokens, completion_tokens, cached_tokens,
+               load_seconds, t_admit, t_first):
+    """The last Chunk of a generation (both engines): its counts, and its time
+    split at the first token (t_admit, t_first: perf_counter times, None if
+    that moment never came)."""
+    now = time.perf_counter()
+    first = t_first or now
+    return Chunk(done=True, finish_reason=reason, prompt_tokens=prompt_tokens,
+                 completion_tokens=completion_tokens, cached_tokens=cached_tokens,
+                 load_seconds=load_seconds,
+                 prompt_seconds=max(0.0, first - (t_admit or first)),
+                 generate_seconds=max(0.0, now - first))
 
 
 # ---------------------------------------------------------------------------
@@ -154,8 +173,9 @@ def _mlx_setup_module():
         return None
 
 
-def _ensure_mlx():
-    """Run mlx_setup.configure() before the first import of mlx, then import mlx-lm."""
+def ensure_mlx():
+    """Run mlx_setup.configure() before the first import of mlx, then import mlx-lm.
+    (vlm calls it before importing mlx-vlm.)"""
     global _setup_done
     with _setup_lock:
         if _setup_done:
@@ -171,6 +191,30 @@ def _ensure_mlx():
         _setup_done = True
 
 
+def prepare_model(model, info):
+    """(model, setup_info): a freshly loaded model with the project's choices for
+    this device applied by mlx_setup.prepare (dtype, compile), and mlx_setup's
+    description of them for /api/ps. Both engines load through it."""
+    setup_info = {}
+    ms = _mlx_setup_module()
+    if ms is not None and hasattr(ms, "prepare"):
+        model = ms.prepare(model, info)
+        if hasattr(ms, "describe"):
+            try:
+                setup_info = dict(ms.describe(model) or {})
+            except TypeError:
+                setup_info = dict(ms.describe() or {})
+    return model, setup_info
+
+
+def free_mlx_memory():
+    """After dropping a model's references: collect them, then return MLX's cached
+    buffers to the system."""
+    gc.collect()
+    import mlx.core as mx
+    mx.clear_cache()
+
+
 # ---------------------------------------------------------------------------
 # Tokenizers: loaded in the caller's thread (no MLX work), cached per model dir.
 # ---------------------------------------------------------------------------
@@ -184,7 +228,7 @@ def _tokenizer(info):
         tok = _tokenizers.get(key)
         if tok is not None:
             return tok
-        _ensure_mlx()
+        ensure_mlx()
         from mlx_lm.tokenizer_utils import load as load_tokenizer
         eos = (info.config or {}).get("eos_token_id")
         try:
@@ -192,14 +236,22 @@ def _tokenizer(info):
             tok = load_tokenizer(Path(info.path), eos_token_ids=eos)
         except Exception as e:
             raise Unavailable(f"model '{info.id}' failed to load its tokenizer: "
-                              f"{type(e).__name__}: {_short(e)}")
+                              f"{type(e).__name__}: {short_error(e)}")
         _tokenizers[key] = tok
         return tok
 
 
-def _short(e, limit=200):
+def short_error(e, limit=200):
+    """An exception's message for a client: the home directory hidden, at most
+    limit characters."""
     s = str(e).replace(str(os.path.expanduser("~")), "~")
     return s if len(s) <= limit else s[:limit] + "..."
+
+
+def load_error(info, e):
+    """The Unavailable a client gets when loading model info raised e."""
+    return Unavailable(f"model '{info.id}' failed to load: {type(e).__name__}: "
+                       f"{short_error(e)}")
 
 
 def context_length(info):
@@ -218,7 +270,7 @@ def _render_chat(tok, messages):
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in msgs)
         return list(tok.encode(text + "assistant: "))
     except Exception as e:
-        raise BadInput(f"the model's chat template rejected the messages: {_short(e)}",
+        raise BadInput(f"the model's chat template rejected the messages: {short_error(e)}",
                        param="messages")
 
 
@@ -253,14 +305,16 @@ def count_tokens(info, text):
 
 
 # ---------------------------------------------------------------------------
-# Request validation
+# Request validation (vlm's too: the same limits for every model)
 # ---------------------------------------------------------------------------
-def _check_request(req):
+def check_request(req, allow_images=False):
+    """BadInput (with its param) for a request no model can take; images only
+    when allow_images (vlm checks them itself)."""
     def bad(msg, param):
         raise BadInput(msg, param=param)
     if req.messages is None and req.prompt is None:
         bad("either messages or prompt is required", "messages")
-    if req.images:
+    if req.images and not allow_images:
         bad(f"model '{req.model.id}' does not support images", "messages")
     if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
         bad("max_tokens must be a positive integer", "max_tokens")
@@ -287,21 +341,20 @@ def _check_request(req):
 # Jobs and the public interface
 # ---------------------------------------------------------------------------
 class _Job:
-    __slots__ = ("req", "info", "kind", "prompt", "sys_len", "max_tokens", "stops",
-                 "out", "cancel", "closed", "uid", "det", "held", "n_out",
+    __slots__ = ("req", "info", "kind", "prompt", "sys_len", "max_tokens", "stop",
+                 "out", "cancel", "closed", "uid", "det", "n_out",
                  "t_submit", "t_admit", "t_first", "load_seconds", "cached",
                  "eos", "finished", "loaded")
 
     def __init__(self, req, info, kind="generate"):
         self.req, self.info, self.kind = req, info, kind
         self.prompt, self.sys_len, self.max_tokens = [], 0, 0
-        self.stops = [s for s in (req.stop if req else []) if s]
+        self.stop = StopFilter(req.stop if req else [])
         self.out = queue.Queue()
         self.cancel = None
         self.closed = threading.Event()
         self.uid = None
         self.det = None
-        self.held = ""
         self.n_out = 0
         self.t_submit = time.perf_counter()
         self.t_admit = self.t_first = None
@@ -321,7 +374,7 @@ def generate(req: GenRequest, cancel=None):
     Validation, tokenization, the context check and the queue check happen now,
     before the iterator is returned, so a caller sees BadInput/Busy before it
     starts a response."""
-    _check_request(req)
+    check_request(req)
     info = req.model
     tok = _tokenizer(info)
     job = _Job(req, info)
@@ -425,21 +478,57 @@ def _zero_counters():
 
 
 # ---------------------------------------------------------------------------
+# Resident models (vlm's too): keep-alive bookkeeping and /api/ps rows
+# ---------------------------------------------------------------------------
+class Resident:
+    """What every engine keeps about a loaded model: when it may be unloaded
+    (Ollama's keep-alive) and how it shows in loaded()."""
+
+    def __init__(self, info, load_seconds):
+        self.info, self.load_seconds = info, load_seconds
+        self.setup_info = {}       # mlx_setup's description of its choices (prepare_model)
+        self.touch(None)
+
+    def touch(self, keep_alive):
+        """Restart its idle clock: keep_alive seconds (None: DEFAULT_KEEP_ALIVE;
+        0: unload as soon as it is idle; negative: never unload)."""
+        ka = DEFAULT_KEEP_ALIVE if keep_alive is None else float(keep_alive)
+        self.keep_alive = ka
+        self.last_used = time.monotonic()
+        self.expires_at = time.time() + max(ka, 0.0)
+
+    def expired(self, now):
+        """Past its keep-alive at unix time now (the engine unloads it if idle)."""
+        return self.keep_alive >= 0 and now >= self.expires_at
+
+    def ps_entry(self, active, queued, counters, **extra):
+        """Its loaded() row: (ModelInfo, expires_at unix seconds or None, info dict)."""
+        return (self.info, None if self.keep_alive < 0 else self.expires_at,
+                {"active": active, "queued": queued, "keep_alive": self.keep_alive,
+                 "load_seconds": round(self.load_seconds, 3),
+                 **extra, **counters, **self.setup_info})
+
+
+def next_expiry(models):
+    """How long an engine thread may sleep before one of these (idle) models'
+    keep-alive runs out: seconds (at least 0.05), or None if none ever does."""
+    now = time.time()
+    times = [m.expires_at - now for m in models if m.keep_alive >= 0]
+    return max(0.05, min(times)) if times else None
+
+
+# ---------------------------------------------------------------------------
 # The scheduler thread
 # ---------------------------------------------------------------------------
-class _Loaded:
+class _Loaded(Resident):
     """One resident model: weights, tokenizer, its batch, its prompt cache."""
 
     def __init__(self, info, model, tok, load_seconds):
-        self.info, self.model, self.tok = info, model, tok
-        self.load_seconds = load_seconds
+        super().__init__(info, load_seconds)
+        self.model, self.tok = model, tok
         self.gen = None
         self.jobs = {}             # uid -> _Job
         self.prompt_cache = None
-        self.keep_alive = DEFAULT_KEEP_ALIVE
-        self.expires_at = time.time() + DEFAULT_KEEP_ALIVE
-        self.last_used = time.monotonic()
-        self.setup_info = {}
 
 
 _SCHED = None
@@ -495,24 +584,17 @@ class _Scheduler:
 
     def snapshot(self):
         with self.cv:
-            out = []
-            for m in self.models.values():
-                info = {"active": len(m.jobs),
-                        "queued": sum(1 for j in self.pending
-                                      if j.info.id == m.info.id and not j.cancelled()),
-                        "keep_alive": m.keep_alive,
-                        "load_seconds": round(m.load_seconds, 3),
-                        "max_batch": MAX_BATCH, "max_queue": MAX_QUEUE,
-                        "prompt_cache_entries": len(m.prompt_cache or ()),
-                        **self.counters, **m.setup_info}
-                exp = None if m.keep_alive < 0 else m.expires_at
-                out.append((m.info, exp, info))
-            return out
+            return [m.ps_entry(len(m.jobs),
+                               sum(1 for j in self.pending
+                                   if j.info.id == m.info.id and not j.cancelled()),
+                               self.counters, max_batch=MAX_BATCH, max_queue=MAX_QUEUE,
+                               prompt_cache_entries=len(m.prompt_cache or ()))
+                    for m in self.models.values()]
 
     # -- the MLX thread --------------------------------------------------------
     def _run(self):
         try:
-            _ensure_mlx()
+            ensure_mlx()
         except EngineError as e:
             self._fail_all_forever(e)
             return
@@ -583,16 +665,12 @@ class _Scheduler:
             self.pending = keep
 
     def _next_expiry(self):
-        now = time.time()
-        times = [m.expires_at - now for m in self.models.values()
-                 if m.keep_alive >= 0 and not m.jobs]
-        return max(0.05, min(times)) if times else None
+        return next_expiry(m for m in self.models.values() if not m.jobs)
 
     def _expired(self):
         """Ids of idle models past their keep-alive (or with keep_alive 0)."""
         now = time.time()
-        return [mid for mid, m in self.models.items()
-                if not m.jobs and m.keep_alive >= 0 and now >= m.expires_at]
+        return [mid for mid, m in self.models.items() if not m.jobs and m.expired(now)]
 
     def _unload(self, mid):
         with self.cv:
@@ -600,9 +678,7 @@ class _Scheduler:
         if m is None:
             return
         m.gen = m.model = m.prompt_cache = None
-        gc.collect()
-        import mlx.core as mx
-        mx.clear_cache()
+        free_mlx_memory()
 
     def _fail_all_forever(self, err):
         while True:
@@ -630,22 +706,13 @@ class _Scheduler:
             from pathlib import Path
             from mlx_lm.utils import load_model
             model, _config = load_model(Path(info.path))
-            setup_info = {}
-            ms = _mlx_setup_module()
-            if ms is not None and hasattr(ms, "prepare"):
-                model = ms.prepare(model, info)
-                if hasattr(ms, "describe"):
-                    try:
-                        setup_info = dict(ms.describe(model) or {})
-                    except TypeError:
-                        setup_info = dict(ms.describe() or {})
+            model, setup_info = prepare_model(model, info)
             tok = _tokenizer(info)
         except EngineError as e:
             self._load_failed(job, e)
             return None
         except Exception as e:
-            self._load_failed(job, Unavailable(
-                f"model '{info.id}' failed to load: {type(e).__name__}: {_short(e)}"))
+            self._load_failed(job, load_error(info, e))
             return None
         m = _Loaded(info, model, tok, time.perf_counter() - t0)
         m.setup_info = setup_info
@@ -680,14 +747,14 @@ class _Scheduler:
         if job.kind == "unload":
             m = self.models.get(job.info.id)
             if m is not None:
-                self._touch(m, 0)          # unloaded now if idle, else when it is
+                m.touch(0)                 # unloaded now if idle, else when it is
             self._reap()
             job.out.put(Chunk(done=True, finish_reason="unload"))
             return
         m = self._get_model(job)
         if m is None:
             return
-        self._touch(m, job.req.keep_alive)
+        m.touch(job.req.keep_alive)
         if job.kind == "load":
             job.out.put(Chunk(done=True, finish_reason="load",
                               load_seconds=job.load_seconds))
@@ -697,12 +764,6 @@ class _Scheduler:
         except Exception as e:  # a broken request must not take the thread down
             self.counters["engine_failures"] += 1
             job.out.put(EngineFailure(f"generation failed: {type(e).__name__}"))
-
-    def _touch(self, m, keep_alive):
-        ka = DEFAULT_KEEP_ALIVE if keep_alive is None else float(keep_alive)
-        m.keep_alive = ka
-        m.last_used = time.monotonic()
-        m.expires_at = time.time() + max(ka, 0.0)
 
     def _insert(self, m, job):
         from mlx_lm.generate import StopSequences
@@ -734,7 +795,7 @@ class _Scheduler:
             (req.frequency_penalty or None) if n_last else None, n_last)
         (uid,) = m.gen.insert_segments(
             segments=[segments], max_tokens=[job.max_tokens], caches=[cache],
-            all_tokens=[prompt[:job.cached]], samplers=[_make_sampler(req)],
+            all_tokens=[prompt[:job.cached]], samplers=[make_sampler(req)],
             logits_processors=[procs],
             stop_sequences=[StopSequences([[t] for t in job.eos])])
         job.uid = uid
@@ -790,7 +851,7 @@ class _Scheduler:
                 for _uid, (cache, toks) in caches.items():
                     m.prompt_cache.insert_cache(m.info.id, list(toks), cache)
             for j in finished:
-                self._touch(m, j.req.keep_alive)
+                m.touch(j.req.keep_alive)
 
     def _on_token(self, m, job, r):
         """Feed one generated token to job; True when the job is finished."""
@@ -800,57 +861,41 @@ class _Scheduler:
         self.counters["tokens_generated"] += 1
         reason = r.finish_reason
         if reason == "stop" and r.token in job.eos:
+            # end of sequence: the token has no text; flush the detokenizer
             job.det.finalize()
-            job.held += job.det.last_segment
-            self._emit(job, job.held)
-            job.held = ""
-            # the batch already dropped it; keep its cache for the next turn
-            if r.prompt_cache is not None:
-                m.prompt_cache.insert_cache(m.info.id, list(r.all_tokens), r.prompt_cache)
-            job.finished = True
+            self._emit(job, job.stop.drain(job.det.last_segment))
+            self._dropped(m, job, r)
             self._finish(job, "stop")
             return True
         job.n_out += 1
         job.det.add_token(r.token)
         if reason is not None:
             job.det.finalize()
-        job.held += job.det.last_segment
-        cut = _find_stop(job.held, job.stops)
-        if cut is not None:
-            self._emit(job, job.held[:cut])
-            job.held = ""
-            if reason is not None and r.prompt_cache is not None:
-                m.prompt_cache.insert_cache(m.info.id, list(r.all_tokens), r.prompt_cache)
-                job.finished = True
-            self._finish(job, "stop")
-            return True
+        text, hit = job.stop.feed(job.det.last_segment, final=reason is not None)
+        self._emit(job, text)
+        if reason is None and not hit:
+            return False
         if reason is not None:
-            self._emit(job, job.held)
-            job.held = ""
-            if r.prompt_cache is not None:
-                m.prompt_cache.insert_cache(m.info.id, list(r.all_tokens), r.prompt_cache)
-            job.finished = True
-            self._finish(job, "length" if reason == "length" else "stop")
-            return True
-        safe = _safe_prefix_len(job.held, job.stops)
-        if safe:
-            self._emit(job, job.held[:safe])
-            job.held = job.held[safe:]
-        return False
+            self._dropped(m, job, r)
+        self._finish(job, "length" if reason == "length" and not hit else "stop")
+        return True
+
+    def _dropped(self, m, job, r):
+        """The batch finished job itself (it is out of the batch already): keep
+        its KV cache for the next turn."""
+        job.finished = True
+        if r.prompt_cache is not None:
+            m.prompt_cache.insert_cache(m.info.id, list(r.all_tokens), r.prompt_cache)
 
     def _emit(self, job, text):
         if text:
             job.out.put(Chunk(text=text))
 
     def _finish(self, job, reason):
-        now = time.perf_counter()
-        first = job.t_first or now
-        job.out.put(Chunk(
-            done=True, finish_reason=reason, prompt_tokens=len(job.prompt),
-            completion_tokens=job.n_out, cached_tokens=job.cached,
-            load_seconds=job.load_seconds,
-            prompt_seconds=max(0.0, first - (job.t_admit or first)),
-            generate_seconds=max(0.0, now - first)))
+        job.out.put(done_chunk(
+            reason, prompt_tokens=len(job.prompt), completion_tokens=job.n_out,
+            cached_tokens=job.cached, load_seconds=job.load_seconds,
+            t_admit=job.t_admit, t_first=job.t_first))
 
     def _remove(self, m, uids):
         for uid in uids:
@@ -865,7 +910,7 @@ class _Scheduler:
         self.counters["engine_failures"] += 1
         for job in m.jobs.values():
             job.out.put(EngineFailure(f"generation failed: {type(err).__name__}: "
-                                    f"{_short(err)}"))
+                                    f"{short_error(err)}"))
         m.jobs.clear()
         try:
             self._new_batch(m)
@@ -879,96 +924,3 @@ class _Scheduler:
             expired = self._expired()
         for mid in expired:
             self._unload(mid)
-
-
-def _find_stop(text, stops):
-    """Index where the earliest stop sequence starts in text, or None."""
-    best = None
-    for s in stops:
-        i = text.find(s)
-        if i >= 0 and (best is None or i < best):
-            best = i
-    return best
-
-
-def _safe_prefix_len(text, stops):
-    """How much of text can be released: everything before the longest suffix
-    that could still grow into a stop sequence."""
-    if not stops:
-        return len(text)
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if k > hold and text.endswith(s[:k]):
-                hold = k
-                break
-    return len(text) - hold
-
-
-def _greedy(logprobs):
-    """One shared object, so a batch of greedy requests samples in one call."""
-    import mlx.core as mx
-    return mx.argmax(logprobs, axis=-1)
-
-
-def _make_sampler(req):
-    """A per-request sampler with its own PRNG key: the same seed gives the same
-    tokens whichever other requests share the batch.
-
-    Filters run in llama.cpp's (and so Ollama's) order on the untempered
-    distribution: top_k, then top_p over what is left (renormalised), then min_p;
-    the temperature applies to the final draw. It avoids sorting the vocabulary,
-    which costs ~20 ms per token on a CPU with MLX (mlx-lm's apply_top_p): top_k is
-    a partition, top_p a bisection on the probability threshold (the same nucleus
-    as a sort, ties aside), and the draw an inverse CDF (a cumsum and one uniform)."""
-    import math
-    import mlx.core as mx
-    if req.temperature == 0:
-        return _greedy
-    seed = req.seed if req.seed is not None else random.SystemRandom().getrandbits(63)
-    state = {"key": mx.random.key(int(seed) & ((1 << 64) - 1))}
-    inv_temp, top_p, top_k, min_p = 1.0 / req.temperature, req.top_p, req.top_k, req.min_p
-    log_min_p = math.log(min_p) if min_p > 0 else None
-
-    def sampler(logprobs):
-        key, sub = mx.random.split(state["key"])
-        state["key"] = key
-        lp, idx = logprobs, None
-        if 0 < top_k < lp.shape[-1]:
-            idx = mx.argpartition(-lp, kth=top_k - 1, axis=-1)[:, :top_k]
-            lp = mx.take_along_axis(lp, idx, axis=-1)
-            lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
-        if 0 < top_p < 1.0:
-            lp = mx.where(_nucleus(lp, top_p), lp, -mx.inf)
-        if log_min_p is not None:
-            lp = mx.where(lp >= mx.max(lp, axis=-1, keepdims=True) + log_min_p, lp, -mx.inf)
-        choice = _draw(lp * inv_temp, sub)
-        if idx is not None:
-            choice = mx.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
-        return choice
-    return sampler
-
-
-NUCLEUS_STEPS = 24   # bisection steps: threshold resolution of max(p) / 2**24
-
-
-def _nucleus(logprobs, top_p):
-    """Mask of the smallest set of most likely tokens whose mass reaches top_p."""
-    import mlx.core as mx
-    p = mx.exp(logprobs)
-    lo = mx.zeros(p.shape[:-1] + (1,), dtype=p.dtype)       # mass(p >= lo) >= top_p
-    hi = mx.max(p, axis=-1, keepdims=True) * 1.0001         # mass(p >= hi) == 0
-    for _ in range(NUCLEUS_STEPS):
-        mid = (lo + hi) * 0.5
-        enough = mx.sum(mx.where(p >= mid, p, 0.0), axis=-1, keepdims=True) >= top_p
-        lo = mx.where(enough, mid, lo)
-        hi = mx.where(enough, hi, mid)
-    return p >= lo
-
-
-def _draw(logits, key):
-    """One token per row from softmax(logits) by inverse CDF."""
-    import mlx.core as mx
-    c = mx.cumsum(mx.softmax(logits, axis=-1), axis=-1)
-    u = mx.random.uniform(shape=c.shape[:-1] + (1,), key=key) * c[:, -1:] * (1.0 - 1e-6)
-    return mx.minimum(mx.sum(c <= u, axis=-1), logits.shape[-1] - 1)

@@ -7,9 +7,10 @@ OWNER: vlm helper (issue 5). The only module that touches mlx-vlm.
     unload(info, cancel=None)
     loaded() -> [(ModelInfo, expires_at or None, info dict)]      for /api/ps
 
-``GenRequest``/``Chunk`` are llm's types; sampling (llm's per-request seeded
-sampler), stop sequences (held back until they cannot start a stop), max tokens,
-exact counts and finish reasons behave exactly as for text models. The prompt
+``GenRequest``/``Chunk`` are llm's types, and so are request validation, model
+preparation (mlx_setup) and keep-alive bookkeeping (llm's shared interface);
+sampling and stop sequences are engines/sampling.py's, as for text models. Max
+tokens, exact counts and finish reasons behave exactly as for text models. The prompt
 count includes the image tokens: it is the length of the token sequence the
 model actually reads, image placeholders expanded.
 
@@ -52,6 +53,9 @@ from . import BadInput, Busy, EngineError, Unavailable
 from . import images as _images
 from . import llm as _llm
 from .llm import Chunk, GenRequest  # noqa: F401  (re-exported for callers)
+from .llm import (Resident, check_request, done_chunk, ensure_mlx, free_mlx_memory,
+                  load_error, next_expiry, prepare_model, short_error)
+from .sampling import StopFilter, make_sampler
 
 # Jobs waiting behind the one being decoded; past this, Busy (503 + Retry-After).
 # As llm's queue: room for one request with the server's largest n (8) and more.
@@ -59,7 +63,7 @@ MAX_QUEUE = _llm.MAX_QUEUE
 RETRY_AFTER = 10
 # Vision models resident at once (each is large; text models have their own budget).
 MAX_LOADED = 1
-DEFAULT_KEEP_ALIVE = _llm.DEFAULT_KEEP_ALIVE
+# (the keep-alive default is llm's DEFAULT_KEEP_ALIVE: llm.Resident keeps the time)
 # Prompt tokens per prefill step (mlx-vlm's chunked prefill), as for text models.
 PREFILL_STEP = _llm.PREFILL_STEP
 
@@ -77,7 +81,7 @@ def supports_images(info):
 def generate(req: GenRequest, cancel=None):
     """Blocking iterator of Chunk; the last has done=True. Raises engines errors
     (validation, context and queue errors before the iterator is returned)."""
-    _llm._check_request(dataclasses.replace(req, images=[]))
+    check_request(req, allow_images=True)
     if req.images and not supports_images(req.model):
         raise BadInput(f"model '{req.model.id}' does not support images", param="messages")
     _images.check_count(len(req.images))
@@ -177,14 +181,11 @@ def _consume(job):
 # ---------------------------------------------------------------------------
 # the worker thread: owns MLX for this engine
 # ---------------------------------------------------------------------------
-class _Resident:
+class _Resident(Resident):
     def __init__(self, info, model, processor, load_seconds):
-        self.info, self.model, self.processor = info, model, processor
-        self.load_seconds = load_seconds
-        self.keep_alive = DEFAULT_KEEP_ALIVE
-        self.expires_at = time.time() + DEFAULT_KEEP_ALIVE
+        super().__init__(info, load_seconds)
+        self.model, self.processor = model, processor
         self.busy = False
-        self.setup_info = {}
         self.detokenizer = None
         self.n_tokens = 0                # ids the tokenizer knows (the embedding may be padded)
         self.cache_state = None          # mlx-vlm PromptCacheState of the last conversation
@@ -225,10 +226,8 @@ class _Worker:
 
     def snapshot(self):
         with self.cv:
-            return [(m.info, None if m.keep_alive < 0 else m.expires_at,
-                     {"active": int(m.busy), "queued": len(self.pending),
-                      "keep_alive": m.keep_alive, "load_seconds": round(m.load_seconds, 3),
-                      "engine": "mlx-vlm", **self.counters, **m.setup_info})
+            return [m.ps_entry(int(m.busy), len(self.pending), self.counters,
+                               engine="mlx-vlm")
                     for m in self.models.values()]
 
     # -- the thread ----------------------------------------------------------
@@ -251,32 +250,22 @@ class _Worker:
                 job.out.put(e)
             except Exception as e:           # never let one request kill the thread
                 job.out.put(EngineError(f"vision generation failed: {type(e).__name__}: "
-                                        f"{_llm._short(e)}"))
+                                        f"{short_error(e)}"))
 
     def _next_expiry(self):
-        now = time.time()
-        t = [m.expires_at - now for m in self.models.values() if m.keep_alive >= 0]
-        return max(0.05, min(t)) if t else None
+        return next_expiry(self.models.values())   # all idle: the worker is waiting
 
     def _expire_idle(self):
         now = time.time()
         for mid, m in list(self.models.items()):
-            if m.keep_alive >= 0 and now >= m.expires_at:
+            if m.expired(now):
                 self._unload(mid)
 
     def _unload(self, mid):
         m = self.models.pop(mid, None)
         if m is not None:
             m.model = m.processor = None
-            import gc
-            gc.collect()
-            import mlx.core as mx
-            mx.clear_cache()
-
-    def _touch(self, m, keep_alive):
-        ka = DEFAULT_KEEP_ALIVE if keep_alive is None else float(keep_alive)
-        m.keep_alive = ka
-        m.expires_at = time.time() + max(ka, 0.0)
+            free_mlx_memory()
 
     def _get(self, info):
         m = self.models.get(info.id)
@@ -289,22 +278,13 @@ class _Worker:
         _ensure()
         from mlx_vlm.utils import load as vlm_load
         t0 = time.perf_counter()
-        setup_info = {}
         try:
             model, processor = vlm_load(str(info.path))
             # the project's dtype choice for this device (float32 on a CPU when it
             # fits the memory budget), exactly as llm does for text models
-            ms = _llm._mlx_setup_module()
-            if ms is not None and hasattr(ms, "prepare"):
-                model = ms.prepare(model, info)
-                if hasattr(ms, "describe"):
-                    try:
-                        setup_info = dict(ms.describe(model) or {})
-                    except TypeError:
-                        setup_info = dict(ms.describe() or {})
+            model, setup_info = prepare_model(model, info)
         except Exception as e:
-            raise Unavailable(f"model '{info.id}' failed to load: {type(e).__name__}: "
-                              f"{_llm._short(e)}")
+            raise load_error(info, e)
         m = _Resident(info, model, processor, time.perf_counter() - t0)
         m.setup_info = setup_info
         m.detokenizer = _detokenizer_prototype(processor)
@@ -330,7 +310,7 @@ class _Worker:
         loaded_now = info.id not in self.models
         m = self._get(info)
         job.load_seconds = m.load_seconds if loaded_now else 0.0
-        self._touch(m, job.req.keep_alive)
+        m.touch(job.req.keep_alive)
         if job.kind == "load":
             job.out.put(Chunk(done=True, finish_reason="load",
                               load_seconds=job.load_seconds))
@@ -340,7 +320,7 @@ class _Worker:
             self._generate(m, job)
         finally:
             m.busy = False
-            self._touch(m, job.req.keep_alive)
+            m.touch(job.req.keep_alive)
             if m.keep_alive == 0:
                 with self.cv:
                     self._unload(info.id)
@@ -364,7 +344,7 @@ class _Worker:
         proc = m.processor
         det = copy.copy(m.detokenizer)
         det.reset()
-        stops = [s for s in req.stop if s]
+        stop = StopFilter(req.stop)
         # Prompt cache: the KV of the last conversation is reused for the part of
         # the new prompt that repeats it (mlx-vlm's PromptCacheState: text-only
         # suffix, mRoPE primed). Token ids alone cannot tell two same-sized images
@@ -382,7 +362,7 @@ class _Worker:
             m.model, proc, "", input_ids=inputs.pop("input_ids"),
             pixel_values=inputs.pop("pixel_values", None),
             mask=inputs.pop("attention_mask", None), prompt_cache_state=m.cache_state,
-            max_tokens=max_tokens, sampler=_llm._make_sampler(req),
+            max_tokens=max_tokens, sampler=make_sampler(req),
             logits_processors=[_mask_padding(m.n_tokens)] if m.n_tokens else None,
             repetition_penalty=req.repetition_penalty,
             repetition_context_size=req.repetition_context_size or 1,
@@ -392,7 +372,7 @@ class _Worker:
             frequency_context_size=req.repetition_context_size or 1,
             prefill_step_size=PREFILL_STEP, **inputs)
 
-        n_out, held, reason, t_first, hit_stop, cached = 0, "", "length", None, False, 0
+        n_out, reason, t_first, hit_stop, cached = 0, "length", None, False, 0
         completed = False
         try:
             for r in gen:
@@ -411,16 +391,11 @@ class _Worker:
                     det.add_token(r.token)
                 except (IndexError, KeyError, TypeError):
                     pass    # an id in the embedding's padding, outside the tokenizer: no text
-                held += det.last_segment
-                cut = _llm._find_stop(held, stops)
-                if cut is not None:
-                    _emit(job, held[:cut])
-                    held, reason, hit_stop = "", "stop", True
+                text, hit_stop = stop.feed(det.last_segment)
+                _emit(job, text)
+                if hit_stop:
+                    reason = "stop"
                     break
-                safe = _llm._safe_prefix_len(held, stops)
-                if safe:
-                    _emit(job, held[:safe])
-                    held = held[safe:]
             else:
                 completed = True
         finally:
@@ -431,17 +406,13 @@ class _Worker:
                 m.cache_state, m.cache_images = None, []
         if not hit_stop:                  # flush what the detokenizer still holds
             det.finalize()
-            held += det.last_segment
-            cut = _llm._find_stop(held, stops)
-            if cut is not None:
-                held, reason = held[:cut], "stop"
-            _emit(job, held)
-        now = time.perf_counter()
-        first = t_first or now
-        job.out.put(Chunk(done=True, finish_reason=reason, prompt_tokens=n_prompt,
-                          completion_tokens=n_out, cached_tokens=cached, load_seconds=job.load_seconds,
-                          prompt_seconds=max(0.0, first - t_admit),
-                          generate_seconds=max(0.0, now - first)))
+            text, hit = stop.feed(det.last_segment, final=True)
+            if hit:
+                reason = "stop"
+            _emit(job, text)
+        job.out.put(done_chunk(reason, prompt_tokens=n_prompt, completion_tokens=n_out,
+                               cached_tokens=cached, load_seconds=job.load_seconds,
+                               t_admit=t_admit, t_first=t_first))
 
 
 def _emit(job, text):
@@ -463,7 +434,7 @@ def _ensure():
         if _setup_done:
             return
         os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never reach for the hub
-        _llm._ensure_mlx()
+        ensure_mlx()
         try:
             import mlx_vlm.utils  # noqa: F401
             import mlx_vlm.generate  # noqa: F401
@@ -552,7 +523,7 @@ def _prepare(m, req):
         try:
             prompt = apply_chat_template(m.processor, cfg, chat, num_images=len(pics))
         except ValueError as e:            # e.g. "does not support multi-image chat"
-            raise BadInput(f"model '{req.model.id}': {_llm._short(e)}", param="messages")
+            raise BadInput(f"model '{req.model.id}': {short_error(e)}", param="messages")
         if not isinstance(prompt, str):    # single-turn formats hand back the message
             prompt = prompt.get("content") if isinstance(prompt, dict) else str(prompt)
             if isinstance(prompt, list):
@@ -567,7 +538,7 @@ def _prepare(m, req):
             add_special_tokens=should_add_special_tokens(model_type, m.processor))
     except (ValueError, TypeError, IndexError) as e:
         raise BadInput(f"model '{req.model.id}' could not take these inputs: "
-                       f"{_llm._short(e)}", param="messages")
+                       f"{short_error(e)}", param="messages")
     inputs = dict(inputs)
     n = int(inputs["input_ids"].size)
     if n == 0:

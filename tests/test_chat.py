@@ -362,12 +362,12 @@ def test_keep_alive_parsing():
 
 
 def test_stop_hold_back():
-    from engines.llm import _find_stop, _safe_prefix_len
+    from engines.sampling import find_stop, safe_prefix_len
     stops = ["</end>", "STOP"]
-    assert _safe_prefix_len("hello", stops) == 5
-    assert _safe_prefix_len("hello </e", stops) == len("hello ")      # could become </end>
-    assert _safe_prefix_len("hello ST", stops) == len("hello ")
-    assert _safe_prefix_len("hello S.", stops) == len("hello S.")     # can no longer match
-    assert _safe_prefix_len("abc", []) == 3
-    assert _find_stop("a STOP b </end>", stops) == 2
-    assert _find_stop("nothing", stops) is None
+    assert safe_prefix_len("hello", stops) == 5
+    assert safe_prefix_len("hello </e", stops) == len("hello ")      # could become </end>
+    assert safe_prefix_len("hello ST", stops) == len("hello ")
+    assert safe_prefix_len("hello S.", stops) == len("hello S.")     # can no longer match
+    assert safe_prefix_len("abc", []) == 3
+    assert find_stop("a STOP b </end>", stops) == 2
+    assert find_stop("nothing", stops) is None
