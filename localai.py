@@ -2334,29 +2334,15 @@ def _human_bytes(n):
 
 def cmd_import(config):
     from engines.gguf import import_gguf
-    try:
-        path = import_gguf(config.file, config.models_dir, name=config.name,
-                           progress=_progress_printer("importing %s" % Path(config.file).name))
-    except engines.EngineError as exc:
-        print("localai: import failed: %s" % exc.message, file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print("localai: import failed: %s" % (exc.strerror or exc), file=sys.stderr)
-        return 1
+    path = import_gguf(config.file, config.models_dir, name=config.name,
+                       progress=_progress_printer("importing %s" % Path(config.file).name))
     print("imported %s into %s" % (path.name, path.parent))
     return 0
 
 
 def cmd_pull(config):
     from engines import hub
-    try:
-        path = hub.pull(config.repo, config.models_dir, progress=True)
-    except engines.EngineError as exc:
-        print("localai: pull failed: %s" % exc.message, file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print("localai: pull failed: %s" % (exc.strerror or exc), file=sys.stderr)
-        return 1
+    path = hub.pull(config.repo, config.models_dir, progress=True)
     print("pulled %s into %s" % (path.name, path.parent))
     return 0
 
@@ -2382,11 +2368,7 @@ def cmd_pull_speech(config):
     """Download vosk's small model for a language into vosk's cache (~/.cache/vosk),
     where the server finds it. Offline: one failed connection, a clear message, exit 1."""
     from engines import stt
-    try:
-        path = stt.pull(config.lang, progress=lambda message: print(message, file=sys.stderr))
-    except engines.EngineError as exc:
-        print("localai: pull-speech failed: %s" % exc.message, file=sys.stderr)
-        return 1
+    path = stt.pull(config.lang, progress=lambda message: print(message, file=sys.stderr))
     print("installed the %s speech model in %s" % (config.lang, path))
     return 0
 
@@ -2485,7 +2467,13 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"import": cmd_import, "pull": cmd_pull, "list": cmd_list, "pull-speech": cmd_pull_speech}
     if config.command:
-        return commands[config.command](config)
+        try:
+            return commands[config.command](config)
+        except engines.EngineError as exc:        # the one place CLI failures become messages
+            print("localai: %s failed: %s" % (config.command, exc.message), file=sys.stderr)
+        except OSError as exc:
+            print("localai: %s failed: %s" % (config.command, exc.strerror or exc), file=sys.stderr)
+        return 1
     try:
         return asyncio.run(serve(config))
     except OSError as exc:
