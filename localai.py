@@ -2267,7 +2267,11 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="localai.py", description="A local AI server (OpenAI and Ollama APIs).",
         epilog="Timeouts in seconds: LOCALAI_HEADER_TIMEOUT (%g), LOCALAI_BODY_IDLE_TIMEOUT (%g), "
-               "LOCALAI_KEEPALIVE_TIMEOUT (%g), LOCALAI_SEND_STALL_TIMEOUT (%g), LOCALAI_DRAIN_TIMEOUT (%g)."
+               "LOCALAI_KEEPALIVE_TIMEOUT (%g), LOCALAI_SEND_STALL_TIMEOUT (%g), LOCALAI_DRAIN_TIMEOUT (%g). "
+               "Language engine: LOCALAI_LLM_BATCH (streams decoded together, 8), LOCALAI_LLM_QUEUE "
+               "(waiting requests before 503, 16), LOCALAI_LLM_MAX_LOADED (models kept, 2), "
+               "LOCALAI_MLX_MEMORY_BUDGET (room for float32 weights on a CPU, e.g. 2G), "
+               "LOCALAI_MLX_BLAS (auto|openblas|off)."
                % (HEADER_TIMEOUT, BODY_IDLE_TIMEOUT, KEEPALIVE_TIMEOUT, SEND_STALL_TIMEOUT, DRAIN_TIMEOUT))
     p.add_argument("--host", default=env("LOCALAI_HOST", "0.0.0.0"), help="address to bind (LOCALAI_HOST)")
     p.add_argument("--port", type=int, default=env("LOCALAI_PORT", str(DEFAULT_PORT)),  # argparse checks it
@@ -2291,7 +2295,7 @@ def build_parser():
     p.add_argument("--media-dir", default=env("LOCALAI_MEDIA_DIR"),
                    help="let requests name image files inside this directory (LOCALAI_MEDIA_DIR)")
     p.add_argument("--stt-model", action="append", default=[p for p in env("LOCALAI_STT_MODEL", "").split(os.pathsep) if p],
-                   help="a vosk model directory (repeatable; LOCALAI_STT_MODEL, path-separated)")
+                   help="a vosk model directory, or LANG=DIR (repeatable; LOCALAI_STT_MODEL, path-separated)")
     p.add_argument("--state-dir", default=default_state_dir(), help="where settings are kept (LOCALAI_STATE_DIR)")
     p.add_argument("--backlight-root", default=env("LOCALAI_BACKLIGHT_ROOT", "/sys/class/backlight"),
                    help="sysfs backlight directory (LOCALAI_BACKLIGHT_ROOT)")
