@@ -43,7 +43,7 @@ Knobs (environment; defaults in the limits below):
     LOCALAI_LLM_MAX_LOADED  language models resident at once (2)
 
 Shared with engines/vlm.py (its public interface beside generate/load/unload/
-loaded): the types ``GenRequest``/``Chunk``, ``check_request``, ``ensure_mlx``,
+loaded): the types ``GenRequest``/``Chunk``/``Job``, ``check_request``, ``ensure_mlx``,
 ``prepare_model``, ``free_mlx_memory``, the keep-alive bookkeeping of a resident
 model (``Resident``, ``next_expiry``), ``done_chunk``, ``short_error``,
 ``load_error`` and the limits DEFAULT_KEEP_ALIVE, MAX_QUEUE, PREFILL_STEP,
@@ -338,34 +338,78 @@ def check_request(req, allow_images=False):
 
 
 # ---------------------------------------------------------------------------
-# Jobs and the public interface
+# Jobs (vlm's too) and the public interface
 # ---------------------------------------------------------------------------
-class _Job:
-    __slots__ = ("req", "info", "kind", "prompt", "sys_len", "max_tokens", "stop",
-                 "out", "cancel", "closed", "uid", "det", "n_out",
-                 "t_submit", "t_admit", "t_first", "load_seconds", "cached",
-                 "eos", "finished", "loaded")
+class Job:
+    """One request between its caller's thread and an engine thread (both
+    engines). The engine thread puts Chunks on ``out`` (or the exception that
+    ends the request); the caller reads them with next_output(). ``closed`` is
+    set once the caller stops reading; ``cancel`` is the caller's
+    threading.Event (the server's bridge sets it when the client leaves)."""
 
-    def __init__(self, req, info, kind="generate"):
-        self.req, self.info, self.kind = req, info, kind
-        self.prompt, self.sys_len, self.max_tokens = [], 0, 0
-        self.stop = StopFilter(req.stop if req else [])
+    __slots__ = ("req", "kind", "cancel", "out", "closed", "load_seconds")
+
+    def __init__(self, req, kind, cancel):
+        self.req, self.kind, self.cancel = req, kind, cancel   # kind: generate|load|unload
         self.out = queue.Queue()
-        self.cancel = None
         self.closed = threading.Event()
+        self.load_seconds = 0.0
+
+    def cancelled(self):
+        return self.closed.is_set() or (self.cancel is not None and self.cancel.is_set())
+
+    def close(self):
+        """The caller is done with it: the engine drops it at its next check."""
+        self.closed.set()
+
+    def next_output(self):
+        """The next item put on ``out`` (an exception put there is raised), or None
+        once the job is cancelled; both ways of ending close the job. Waits at
+        most 0.1 s between checks of cancel."""
+        while True:
+            try:
+                item = self.out.get(timeout=0.1)
+            except queue.Empty:
+                if self.cancelled():
+                    self.close()
+                    return None
+                continue
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            return item
+
+    def emit(self, text):
+        """(engine thread) Put a piece of answer text, if any."""
+        if text:
+            self.out.put(Chunk(text=text))
+
+
+class _Job(Job):
+    __slots__ = ("info", "prompt", "sys_len", "max_tokens", "stop", "uid", "det",
+                 "n_out", "t_submit", "t_admit", "t_first", "cached", "eos",
+                 "finished", "loaded")
+
+    def __init__(self, req, kind="generate", cancel=None):
+        super().__init__(req, kind, cancel)
+        self.info = req.model
+        self.prompt, self.sys_len, self.max_tokens = [], 0, 0
+        self.stop = StopFilter(req.stop)
         self.uid = None
         self.det = None
         self.n_out = 0
         self.t_submit = time.perf_counter()
         self.t_admit = self.t_first = None
-        self.load_seconds = 0.0
         self.cached = 0
         self.eos = set()
         self.finished = False
         self.loaded = None
 
-    def cancelled(self):
-        return self.closed.is_set() or (self.cancel is not None and self.cancel.is_set())
+    def close(self):
+        if not self.closed.is_set():
+            self.closed.set()
+            if _SCHED is not None:
+                _SCHED.wake()       # so that a waiting scheduler drops it at once
 
 
 def generate(req: GenRequest, cancel=None):
@@ -377,8 +421,7 @@ def generate(req: GenRequest, cancel=None):
     check_request(req)
     info = req.model
     tok = _tokenizer(info)
-    job = _Job(req, info)
-    job.cancel = cancel
+    job = _Job(req, cancel=cancel)
     if req.messages is not None:
         job.prompt = _render_chat(tok, req.messages)
         job.sys_len = _system_prefix_len(tok, req.messages, job.prompt)
@@ -410,28 +453,22 @@ class _Stream:
         return self
 
     def __next__(self):
-        job = self.job
-        while not self._done:
+        if not self._done:
             try:
-                item = job.out.get(timeout=0.1)
-            except queue.Empty:
-                if job.cancelled():
+                item = self.job.next_output()
+            except BaseException:
+                self._done = True
+                raise
+            if item is not None:
+                if item.done:
                     self.close()
-                continue
-            if isinstance(item, BaseException):
-                self.close()
-                raise item
-            if item.done:
-                self.close()
-            return item
+                return item
+            self._done = True
         raise StopIteration
 
     def close(self):
         self._done = True
-        if not self.job.closed.is_set():
-            self.job.closed.set()
-            if _SCHED is not None:
-                _SCHED.wake()
+        self.job.close()
 
     def __del__(self):
         self.close()
@@ -448,8 +485,7 @@ def unload(info, cancel=None):
 
 
 def _control(info, kind, keep_alive, cancel):
-    job = _Job(GenRequest(model=info, keep_alive=keep_alive), info, kind)
-    job.cancel = cancel
+    job = _Job(GenRequest(model=info, keep_alive=keep_alive), kind, cancel)
     _scheduler().submit(job, control=True)
     for chunk in _Stream(job):
         return chunk.load_seconds
@@ -863,7 +899,7 @@ class _Scheduler:
         if reason == "stop" and r.token in job.eos:
             # end of sequence: the token has no text; flush the detokenizer
             job.det.finalize()
-            self._emit(job, job.stop.drain(job.det.last_segment))
+            job.emit(job.stop.drain(job.det.last_segment))
             self._dropped(m, job, r)
             self._finish(job, "stop")
             return True
@@ -872,7 +908,7 @@ class _Scheduler:
         if reason is not None:
             job.det.finalize()
         text, hit = job.stop.feed(job.det.last_segment, final=reason is not None)
-        self._emit(job, text)
+        job.emit(text)
         if reason is None and not hit:
             return False
         if reason is not None:
@@ -886,10 +922,6 @@ class _Scheduler:
         job.finished = True
         if r.prompt_cache is not None:
             m.prompt_cache.insert_cache(m.info.id, list(r.all_tokens), r.prompt_cache)
-
-    def _emit(self, job, text):
-        if text:
-            job.out.put(Chunk(text=text))
 
     def _finish(self, job, reason):
         job.out.put(done_chunk(

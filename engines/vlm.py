@@ -45,7 +45,6 @@ has no place for the model's image markers.
 import dataclasses
 import hashlib
 import os
-import queue
 import threading
 import time
 
@@ -53,8 +52,8 @@ from . import BadInput, Busy, EngineError, Unavailable
 from . import images as _images
 from . import llm as _llm
 from .llm import Chunk, GenRequest  # noqa: F401  (re-exported for callers)
-from .llm import (Resident, check_request, done_chunk, ensure_mlx, free_mlx_memory,
-                  load_error, next_expiry, prepare_model, short_error)
+from .llm import (Job, Resident, check_request, done_chunk, ensure_mlx,
+                  free_mlx_memory, load_error, next_expiry, prepare_model, short_error)
 from .sampling import StopFilter, make_sampler
 
 # Jobs waiting behind the one being decoded; past this, Busy (503 + Retry-After).
@@ -93,9 +92,9 @@ def generate(req: GenRequest, cancel=None):
             if req.messages[s].get("role") != "user":
                 raise BadInput("images are only accepted in user messages",
                                param="messages")
-    job = _Job(req, "generate", cancel)
+    job = Job(req, "generate", cancel)
     _worker().submit(job)
-    first = _next(job)                     # "prepared", or the error that stopped it
+    first = job.next_output()              # "prepared", or the error that stopped it
     if first is None:                      # cancelled while waiting
         return iter(())
     return _consume(job)
@@ -113,16 +112,16 @@ def _slots(req):
 
 def load(info, keep_alive=None, cancel=None):
     """Load a model (Ollama's empty-prompt generate). Returns load seconds."""
-    job = _Job(GenRequest(model=info, keep_alive=keep_alive), "load", cancel)
+    job = Job(GenRequest(model=info, keep_alive=keep_alive), "load", cancel)
     _worker().submit(job, control=True)
-    _next(job)
+    job.next_output()
     return job.load_seconds
 
 
 def unload(info, cancel=None):
-    job = _Job(GenRequest(model=info, keep_alive=0), "unload", cancel)
+    job = Job(GenRequest(model=info, keep_alive=0), "unload", cancel)
     _worker().submit(job, control=True)
-    _next(job)
+    job.next_output()
     return 0.0
 
 
@@ -133,49 +132,22 @@ def loaded():
 
 
 # ---------------------------------------------------------------------------
-# jobs
+# jobs (llm.Job: the caller reads job.out through job.next_output())
 # ---------------------------------------------------------------------------
-_PREPARED = object()
-
-
-class _Job:
-    def __init__(self, req, kind, cancel):
-        self.req, self.kind, self.cancel = req, kind, cancel
-        self.out = queue.Queue()
-        self.closed = threading.Event()
-        self.load_seconds = 0.0
-
-    def cancelled(self):
-        return self.closed.is_set() or (self.cancel is not None and self.cancel.is_set())
-
-
-def _next(job):
-    """The job's next output item (raising errors), or None if the caller left."""
-    while True:
-        try:
-            item = job.out.get(timeout=0.1)
-        except queue.Empty:
-            if job.cancelled():
-                job.closed.set()
-                return None
-            continue
-        if isinstance(item, BaseException):
-            job.closed.set()
-            raise item
-        return item
+_PREPARED = object()     # put on job.out once the prompt is counted and fits
 
 
 def _consume(job):
     try:
         while True:
-            item = _next(job)
+            item = job.next_output()
             if item is None:
                 return
             yield item
             if item.done:
                 return
     finally:
-        job.closed.set()
+        job.close()
 
 
 # ---------------------------------------------------------------------------
@@ -392,7 +364,7 @@ class _Worker:
                 except (IndexError, KeyError, TypeError):
                     pass    # an id in the embedding's padding, outside the tokenizer: no text
                 text, hit_stop = stop.feed(det.last_segment)
-                _emit(job, text)
+                job.emit(text)
                 if hit_stop:
                     reason = "stop"
                     break
@@ -409,15 +381,10 @@ class _Worker:
             text, hit = stop.feed(det.last_segment, final=True)
             if hit:
                 reason = "stop"
-            _emit(job, text)
+            job.emit(text)
         job.out.put(done_chunk(reason, prompt_tokens=n_prompt, completion_tokens=n_out,
                                cached_tokens=cached, load_seconds=job.load_seconds,
                                t_admit=t_admit, t_first=t_first))
-
-
-def _emit(job, text):
-    if text:
-        job.out.put(Chunk(text=text))
 
 
 # ---------------------------------------------------------------------------
