@@ -7,12 +7,12 @@ OWNER: vlm helper (issue 5). The only module that touches mlx-vlm.
     unload(info, cancel=None)
     loaded() -> [(ModelInfo, expires_at or None, info dict)]      for /api/ps
 
-``GenRequest``/``Chunk`` are llm's types, and so are request validation, model
-preparation (mlx_setup) and keep-alive bookkeeping (llm's shared interface);
-sampling and stop sequences are engines/sampling.py's, as for text models. Max
-tokens, exact counts and finish reasons behave exactly as for text models. The prompt
-count includes the image tokens: it is the length of the token sequence the
-model actually reads, image placeholders expanded.
+``GenRequest``/``Chunk``/``Job`` are llm's types, and request validation, model
+preparation (mlx_setup) and keep-alive bookkeeping are llm's shared code;
+sampling and stop sequences are engines/sampling.py's, as for text models. So
+max tokens, exact counts and finish reasons behave exactly as for text models.
+The prompt count includes the image tokens: it is the length of the token
+sequence the model actually reads, image placeholders expanded.
 
 Theory of operation
 -------------------
