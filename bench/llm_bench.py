@@ -285,6 +285,13 @@ def run_ours_http(args, tok):
                          daemon=True).start()
         res = http_suite(port, args.model, args, tok, args.tokens, args.streams, "http")
         res["banner"] = [x.rstrip() for x in lines if "mlx" in x.lower() or "blas" in x.lower()][:6]
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/api/ps")
+            res["ps"] = json.loads(conn.getresponse().read())
+            conn.close()
+        except (OSError, ValueError):
+            pass
         return res
     finally:
         proc.terminate()
@@ -388,6 +395,13 @@ def report(results, args):
           g("llama.cpp", "decode", "decode_tps"), 0.5)
     ratio("prefill ours-engine / llama.cpp", g("ours-engine", "long", "prefill_tps"),
           g("llama.cpp", "long", "prefill_tps"))
+    for m in (g("ours-http", "ps") or {}).get("models", []):
+        d = {k: v for k, v in m.items() if k in ("device", "dtype", "blas", "blas_threads")}
+        for k, v in {**(m.get("details") or {}), **(m.get("engine") or {})}.items():
+            if k in ("device", "dtype", "blas", "blas_threads"):
+                d[k] = v
+        if d:
+            print("\nserver /api/ps: " + ", ".join(f"{k}={v}" for k, v in d.items()))
     setup = g("ours-engine", "setup") or g("ours-raw", "setup")
     if setup:
         print("\nour MLX setup: device=%s dtype=%s blas=%s threads=%s shim=%s" % (
