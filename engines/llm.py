@@ -899,7 +899,7 @@ class _Scheduler:
         if reason == "stop" and r.token in job.eos:
             # end of sequence: the token has no text; flush the detokenizer
             job.det.finalize()
-            job.emit(job.stop.drain(job.det.last_segment))
+            job.emit(job.stop.feed(job.det.last_segment, final=True)[0])
             self._dropped(m, job, r)
             self._finish(job, "stop")
             return True

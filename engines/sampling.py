@@ -62,12 +62,6 @@ class StopFilter:
         self.held = held[n:]
         return held[:n], False
 
-    def drain(self, text=""):
-        """Everything held plus text, NOT checked against the stops; the filter
-        is empty after. (llm's end-of-sequence path uses it.)"""
-        out, self.held = self.held + text, ""
-        return out
-
 
 # ---------------------------------------------------------------------------
 # The sampler
