@@ -519,28 +519,46 @@ def _cpu_signature():
     return platform.processor()
 
 
+def _private(path):
+    """True when path is ours and nobody else can write it: we load code from it,
+    so a directory someone else made (e.g. in /tmp) must never be trusted."""
+    st = os.lstat(path)
+    import stat
+    return (not stat.S_ISLNK(st.st_mode) and st.st_uid == os.getuid()
+            and not st.st_mode & 0o022)
+
+
 def _build_shim():
     """Path of the compiled shim (built once per source+CPU), or None."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         _state["reasons"].append("no C compiler: BLAS shim skipped")
         return None
-    flags = ["-O3", "-march=native", "-shared", "-fPIC"]
+    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
     key = hashlib.sha256((_SHIM_C + " ".join(flags) + _cpu_signature()
                           + platform.machine()).encode()).hexdigest()[:16]
     for d in (_cache_dir(), Path(tempfile.gettempdir()) / f"localai-{os.getuid()}"):
         lib = d / f"libblasshim-{key}.so"
-        if lib.is_file():
-            return lib
         try:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not _private(d):
+                continue
+            if lib.is_file():
+                if _private(lib):
+                    return lib
+                continue
             with tempfile.TemporaryDirectory(dir=d) as tmp:
                 src = Path(tmp) / "shim.c"
                 out = Path(tmp) / "shim.so"
                 src.write_text(_SHIM_C)
-                r = subprocess.run([cc, *flags, "-o", str(out), str(src), "-ldl"],
-                                   stdin=subprocess.DEVNULL, capture_output=True,
-                                   timeout=COMPILE_TIMEOUT)
+                # -march=native first (AVX-512 here); a compiler that refuses it
+                # still builds a portable one.
+                for fl in (flags, [f for f in flags if f != "-march=native"]):
+                    r = subprocess.run([cc, *fl, "-o", str(out), str(src), "-ldl"],
+                                       stdin=subprocess.DEVNULL, capture_output=True,
+                                       timeout=COMPILE_TIMEOUT)
+                    if r.returncode == 0 and out.is_file():
+                        break
                 if r.returncode != 0 or not out.is_file():
                     _state["reasons"].append(
                         "BLAS shim did not compile: "

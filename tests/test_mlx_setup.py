@@ -185,3 +185,23 @@ def test_memory_budget_keeps_quantized_weights(models_dir, tmp_path):
     assert "quantized" in d["dtype"], d
     assert d["memory_budget"] == 100 << 20
     assert any("over the memory budget" in r for r in d["reasons"]), d
+
+
+def test_shim_cache_must_be_private(tmp_path):
+    """The shim is code we load: a directory or file others can write (say one made
+    in /tmp by another user) is never used."""
+    from engines.mlx_setup import _private
+    d = tmp_path / "mine"
+    d.mkdir(mode=0o700)
+    assert _private(d)
+    d.chmod(0o777)
+    assert not _private(d)
+    f = tmp_path / "lib.so"
+    f.write_bytes(b"x")
+    f.chmod(0o755)
+    assert _private(f)
+    f.chmod(0o666)
+    assert not _private(f)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "mine")
+    assert not _private(link)
