@@ -2415,6 +2415,25 @@ def lan_addresses():
     return sorted(a for a in found if not a.startswith("127."))
 
 
+def announce_engine():
+    """Print what the MLX engine chose (device, BLAS, threads) and why; /api/ps has it too.
+
+    Runs in a thread after we listen: setting MLX up takes a moment."""
+    try:
+        from engines import mlx_setup
+        mlx_setup.configure()
+        d = mlx_setup.describe()
+    except Exception as exc:          # an engine that cannot start is reported by its routes
+        log.warning("language engine: %s", exc)
+        return
+    dtype = ("; weights run in float32 when they fit LOCALAI_MLX_MEMORY_BUDGET" if d.get("device") == "cpu"
+             else "; quantized weights stay quantized")
+    print("  language engine:  %s, %s, %s BLAS thread(s)%s"
+          % (d.get("device"), d.get("blas"), d.get("blas_threads"), dtype), flush=True)
+    for reason in d.get("reasons", []):
+        print("    - " + reason, flush=True)
+
+
 async def serve(config):
     app = App(config)
     prepare_models(app)
@@ -2432,6 +2451,8 @@ async def serve(config):
         for addr in lan_addresses():
             print("  on your network:  http://%s:%d   (OpenAI base_url: http://%s:%d/v1)" % (addr, port, addr, port))
     print("  on this machine:  http://127.0.0.1:%d" % port, flush=True)
+    if app.catalog.ids():
+        loop.run_in_executor(None, announce_engine)
     advertiser = None
     if not config.no_mdns:
         from engines import mdns
