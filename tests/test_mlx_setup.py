@@ -61,7 +61,21 @@ ths = [threading.Thread(target=hammer, args=(r,)) for r in res]
 for t in ths: t.start()
 for t in ths: t.join()
 errs.append(max(res[0] + res[1]) / np.abs(ref).max())
+# Which library answers `cblas_sgemm` in the global scope (where MLX's lookup lands):
+# dlsym(RTLD_DEFAULT) then dladdr names the file. No timing involved.
+import ctypes
+class DlInfo(ctypes.Structure):
+    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
+                ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+libc = ctypes.CDLL(None)
+libc.dlsym.restype = ctypes.c_void_p
+libc.dlsym.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+addr = libc.dlsym(None, b"cblas_sgemm")
+info = DlInfo()
+libc.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(DlInfo)]
+libc.dladdr(ctypes.c_void_p(addr), ctypes.byref(info))
 print(json.dumps({"describe": ms.describe(), "before": c0, "after": ms.blas_calls(),
+                  "sgemm_owner": (info.fname or b"none in the global scope").decode(),
                   "max_rel_err": max(errs), "threaded_runs": len(res[0]) + len(res[1])}))
 """
 
@@ -75,8 +89,10 @@ def test_configure_routes_mlx_matmuls_through_openblas_and_shim(tmp_path):
     assert d["blas_threads"] == 2
     assert d["device"] == "cpu"
     assert "OpenBLAS" in d["blas"], d
-    # The wheel's reference BLAS manages ~5 GFLOP/s on a 384^3 gemm; OpenBLAS tens.
-    assert d["gemm_gflops"] > 20, d
+    # The global cblas_sgemm (the one MLX's lookup reaches) is the shim's or OpenBLAS's,
+    # not the wheel's reference BLAS. (Speed is for bench/llm_bench.py, not a test.)
+    owner = Path(out["sgemm_owner"]).name
+    assert owner.startswith("libblasshim-" if d["shim"] else "libopenblas"), out["sgemm_owner"]
     assert out["max_rel_err"] < 1e-5
     assert out["threaded_runs"] == 60
     if d["shim"]:
