@@ -2,6 +2,7 @@
 engines: the per-request sampler and the stop-sequence filter.
 
     make_sampler(req) -> sampler(logprobs) -> token ids     (mlx; one per request)
+    is_greedy(sampler) -> True for temperature 0 (the argmax; logits suffice)
     StopFilter(stops).feed(text, final=False) -> (text to release, stopped)
     find_stop(text, stops), safe_prefix_len(text, stops)    (the filter's two rules)
 
@@ -70,6 +71,13 @@ def _greedy(logprobs):
     """One shared object, so a batch of greedy requests samples in one call."""
     import mlx.core as mx
     return mx.argmax(logprobs, axis=-1)
+
+
+def is_greedy(sampler):
+    """True for the sampler make_sampler gives temperature 0: it takes the argmax,
+    which unnormalised logits give just as well (the engine then skips the
+    full-vocabulary log-softmax)."""
+    return sampler is _greedy
 
 
 def make_sampler(req):
