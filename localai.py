@@ -110,6 +110,7 @@ LINGER_BYTES = 1024 * 1024           # ...or this much (Apache's lingering close
 READ_CHUNK = 64 * 1024               # socket read size
 PIPELINE_BUFFER = 64 * 1024          # bytes read ahead while a handler runs
 BRIDGE_THREADS = 64                  # threads waiting on engines (engines bound their own work)
+STREAM_BUFFER_ITEMS = 64             # engine output waiting for a slow client (then the engine waits)
 
 KIB, MIB = 1024, 1024 * 1024
 BODY_SMALL = 64 * KIB                # control routes (brightness, show)
@@ -1800,10 +1801,12 @@ async def iterate_blocking(fn, *args, **kwargs):
 
     A thread drives the iterator and hands items to the loop; closing this
     iterator (the client left) sets the Event, and the engine stops at its next
-    check."""
+    check. At most STREAM_BUFFER_ITEMS wait undelivered: a slow client slows the
+    engine (backpressure) instead of piling its output up in memory."""
     loop = asyncio.get_running_loop()
     queue = asyncio.Queue()
     cancel = threading.Event()
+    room = threading.Semaphore(STREAM_BUFFER_ITEMS)
     kwargs["cancel"] = cancel
 
     def put(item):
@@ -1815,6 +1818,9 @@ async def iterate_blocking(fn, *args, **kwargs):
     def drive():
         try:
             for item in fn(*args, **kwargs):
+                while not room.acquire(timeout=0.1):
+                    if cancel.is_set():
+                        return
                 put(("item", item))
                 if cancel.is_set():
                     break
@@ -1827,6 +1833,7 @@ async def iterate_blocking(fn, *args, **kwargs):
         while True:
             kind, item = await queue.get()
             if kind == "item":
+                room.release()
                 yield item
             elif kind == "error":
                 raise item

@@ -1048,3 +1048,34 @@ def test_stream_backpressure_pauses_the_producer(inproc):
     assert inproc.events["produced"] > first
     sock.close()
     assert inproc.events["closed"].wait(5)
+
+
+def test_iterate_blocking_bounds_what_waits_for_a_slow_consumer():
+    """A blocking producer (an engine) runs at most STREAM_BUFFER_ITEMS ahead of a
+    consumer that stopped reading, and stops when the consumer closes."""
+    produced = []
+    finished = threading.Event()
+
+    def engine(cancel=None):
+        try:
+            for i in range(100_000):
+                if cancel.is_set():
+                    return
+                produced.append(i)
+                yield b"x" * 1024
+        finally:
+            finished.set()
+
+    async def scenario():
+        it = localai.iterate_blocking(engine)
+        first = await it.__anext__()
+        await asyncio.sleep(0.5)                 # the client reads nothing for a while
+        ahead = len(produced)
+        await it.aclose()                        # the client leaves
+        return first, ahead
+
+    first, ahead = asyncio.run(scenario())
+    assert first == b"x" * 1024
+    assert ahead <= localai.STREAM_BUFFER_ITEMS + 2, ahead
+    assert finished.wait(5), "the producer did not stop after the consumer closed"
+    assert len(produced) <= localai.STREAM_BUFFER_ITEMS + 2
