@@ -550,7 +550,7 @@ async def drain(writer):
 
 
 # ============================================================================
-# 6. MULTIPART (owner: stt helper)
+# 6. MULTIPART
 # ============================================================================
 # A multipart/form-data parser (RFC 7578, RFC 2046 5.1) for uploads. The body is
 # already in memory (the route limit bounds it), so parsing is a walk over it with
@@ -801,7 +801,7 @@ def get_bool(obj, key, default=None, param=None):
 
 
 # ============================================================================
-# 8. MODEL HANDLERS (owner: models helper)
+# 8. MODEL HANDLERS
 # ============================================================================
 # Facts come from engines.catalog (read from the model files; listing touches the
 # disk, so it runs off the loop). Response builders below are pure functions.
@@ -954,7 +954,7 @@ async def h_api_ps(req):
 
 
 # ============================================================================
-# 9. IMAGE INPUTS (owner: vlm helper)
+# 9. IMAGE INPUTS
 # ============================================================================
 # Every place the seed lets a client put an image:
 #   OpenAI content parts  {"type": "image_url", "image_url": "..."}
@@ -1014,7 +1014,7 @@ async def gather_images(app, messages=None, images=None):
 
 
 # ============================================================================
-# 10. CHAT AND COMPLETION HANDLERS (owner: llm helper)
+# 10. CHAT AND COMPLETION HANDLERS
 # ============================================================================
 # One neutral engine call (engines.llm.generate, or engines.vlm.generate for a
 # model with the "vision" capability) serves all five routes. Each handler parses
@@ -1549,7 +1549,7 @@ async def h_api_generate(req):
 
 
 # ============================================================================
-# 11. AUDIO HANDLERS (owners: stt helper h_transcriptions; tts helper the rest)
+# 11. AUDIO HANDLERS
 # ============================================================================
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 TIMESTAMP_GRANULARITIES = ("segment", "word")
@@ -2385,7 +2385,7 @@ def cmd_pull_speech(config):
 
 
 def prepare_models(app):
-    """Start-up hook (models helper): import the embedded default when the store is empty.
+    """Start-up hook: import the embedded default when the store is empty.
 
     A fresh machine then answers chats offline. Runs before we listen (about a
     second); a failure is logged and the server starts anyway. Set

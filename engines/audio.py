@@ -1,6 +1,6 @@
 """Audio decoding: any uploaded audio file -> 16 kHz mono signed 16-bit PCM.
 
-OWNER: speech-to-text helper (issue 6). Knows nothing of HTTP.
+(issue 6) Knows nothing of HTTP.
 
     decode(data, filename="", cancel=None) -> Audio(pcm, sample_rate, duration)
     extension(filename) -> "wav" | "mp3" | ... | ""   (BadInput if unsupported)

@@ -1,6 +1,6 @@
 """Model catalog: what is installed, and true facts about each model.
 
-OWNER: models helper (issue 3). Contract used by the other engines and by the
+(issue 3) Contract used by the other engines and by the
 server (keep these names):
 
     Catalog(models_dir, hf_cache=None)

@@ -1,6 +1,6 @@
 """Image inputs: turn what a client sent into validated image bytes.
 
-OWNER: vlm helper (issue 5). Knows nothing of HTTP requests; raises engines errors.
+(issue 5) Knows nothing of HTTP requests; raises engines errors.
 
     load(source, media_dir=None, allow_urls=False, cancel=None) -> bytes
     load_all(sources, ...) -> [bytes]    the images of one request (one time budget)

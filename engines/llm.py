@@ -1,6 +1,6 @@
 """Language models through mlx-lm: one thread owns MLX.
 
-OWNER: llm helper (issue 4). The neutral request/answer types below are shared with
+(issue 4) The neutral request/answer types below are shared with
 engines/vlm.py (which offers the same generate() for vision models) and the server's
 chat/completion handlers; keep their names.
 
@@ -163,7 +163,7 @@ class EngineFailure(RuntimeError):
 
 
 # ---------------------------------------------------------------------------
-# MLX setup: the perf helper's engines/mlx_setup.py decides BLAS/dtype/compile.
+# MLX setup: engines/mlx_setup.py decides BLAS/dtype/compile.
 # ---------------------------------------------------------------------------
 _setup_lock = threading.Lock()
 _setup_done = False

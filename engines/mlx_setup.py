@@ -1,6 +1,6 @@
 """MLX made fast on an ordinary CPU: which BLAS it calls, which dtype weights run in.
 
-OWNER: perf helper (issue 8). Used by engines/llm.py (and vlm.py):
+(issue 8) Used by engines/llm.py (and vlm.py):
 
     configure(config=None)      before the first `import mlx` (idempotent)
     prepare(model, info=None)   right after mlx_lm's load_model; returns the model

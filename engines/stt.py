@@ -1,6 +1,6 @@
 """Speech to text with vosk (offline Kaldi models).
 
-OWNER: speech-to-text helper (issue 6). Knows nothing of HTTP.
+(issue 6) Knows nothing of HTTP.
 
     engine = SpeechToText(model_dirs=["/path/vosk-model-small-en-us-0.15",
                                       "ko=/path/any-name"])

@@ -1,6 +1,6 @@
 """Text to speech: espeak-ng through pyttsx3's espeak driver, encoded by ffmpeg.
 
-OWNER: tts helper (issue 7).
+(issue 7)
 
 Interface (no HTTP here):
 

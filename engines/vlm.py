@@ -1,6 +1,6 @@
 """Vision-language models through mlx-vlm: the same interface as engines/llm.py.
 
-OWNER: vlm helper (issue 5). The only module that touches mlx-vlm.
+(issue 5) The only module that touches mlx-vlm.
 
     generate(req: GenRequest, cancel=None) -> iterator of Chunk   (blocking)
     load(info, keep_alive=None, cancel=None) -> load seconds
