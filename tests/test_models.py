@@ -373,6 +373,15 @@ def test_first_start_imports_default_once(start_server, tmp_path):
     assert status == 200 and [m["name"] for m in tags["models"]] == [EMBEDDED_NAME]
     weights = store / EMBEDDED_NAME / "model.safetensors"
     before = (weights.stat().st_ino, weights.stat().st_mtime_ns)
+    # The import ran MLX before any request: it must not have bound MLX to the wheel's
+    # slow reference BLAS for the whole run (the banner says what the engine chose).
+    deadline = time.time() + 60
+    while "language engine:" not in first.output() and time.time() < deadline:
+        time.sleep(0.1)
+    engine_line = next(l for l in first.output().splitlines() if "language engine:" in l)
+    if Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0").exists():
+        assert "OpenBLAS" in engine_line, first.output()
+    assert "imported before configure" not in first.output()
     first.stop()
     second = start_server(env=env)
     assert "importing" not in second.output()
