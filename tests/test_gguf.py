@@ -14,6 +14,7 @@ import pytest
 import engines
 from engines.catalog import EMBEDDED_NAME, embedded_gguf
 from engines.gguf import import_gguf, read_header
+from tinyvlm import bytes_to_unicode  # GPT-2 byte-level symbols, shared test helper
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -234,19 +235,6 @@ def write_gguf(path, metadata, tensors):
     Path(path).write_bytes(head + b"".join(blobs))
 
 
-def byte_vocab():
-    """GPT-2 byte-to-unicode table: the 256 byte-level symbols."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 TINY = dict(hidden=64, layers=2, ffn=128, heads=4, kv_heads=2, ctx=512)
 TINY_K = dict(TINY, hidden=256, ffn=512)       # K-quant super-blocks span 256 values
 
@@ -327,7 +315,7 @@ def tiny_llama_gguf(path, ttype, arch="llama", seed=0, llama3_rope=False, spm=Fa
 
     theta = 500000.0 if llama3_rope else 10000.0
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    b2u = byte_vocab()
+    b2u = bytes_to_unicode()
     tokens = specials + [b2u[b] for b in range(256)] + ["Ġt", "he", "Ġthe"]
     merges = ["Ġ t", "h e", "Ġt he"]
     vocab = len(tokens) + 5          # rows nobody uses; a vocab that is not a multiple of 32
@@ -445,7 +433,7 @@ def test_tokenizer_matches_gguf_vocabulary(smol):
     vocab = md["tokenizer.ggml.tokens"]
     ranks = {tuple(m.split(" ", 1)): i for i, m in enumerate(md["tokenizer.ggml.merges"])}
     tk = Tokenizer.from_file(str(smol / "tokenizer.json"))
-    b2u = byte_vocab()
+    b2u = bytes_to_unicode()
     samples = ["Hello world", "<|im_start|>user\nWhat is 12345?<|im_end|>\n",
                "  two  spaces\tand\ttabs\n\n", "naïve café 日本語 🙂", "<|endoftext|><jupyter_code>x=1",
                "The capital of France is Paris."]

@@ -51,7 +51,7 @@ MAX_PIXELS = 32 * 32                        # -> (32/8)^2 = 16 image tokens
 MIN_PIXELS = 16 * 16
 
 
-def _bytes_to_unicode():
+def bytes_to_unicode():
     """GPT-2's byte -> printable character table (what ByteLevel BPE uses)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
@@ -67,7 +67,7 @@ def _bytes_to_unicode():
 
 def _tokenizer_json():
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, AddedToken
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
     vocab = {table[b]: b for b in range(256)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -188,7 +188,7 @@ def build_paligemma(dest, seed=0, embed_scale=0.1):
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
     tok = Tokenizer(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[],
                                unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
