@@ -294,11 +294,16 @@ def run_ours_http(args, tok):
             pass
         return res
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
+
+
+def stop_process(proc):
+    """SIGTERM, then SIGKILL if it has not exited within 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def run_mlx_server(args, tok):
@@ -315,11 +320,7 @@ def run_mlx_server(args, tok):
         return http_suite(port, args.path, args, tok, args.ref_tokens, streams, "server",
                           long=False)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 # --- driver ---------------------------------------------------------------------------------
