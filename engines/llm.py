@@ -211,6 +211,13 @@ def prepare_model(model, info):
     return model, setup_info
 
 
+def release_model(model):
+    """Undo what prepare_model set up outside the model (mlx_setup.release)."""
+    ms = _mlx_setup_module()
+    if model is not None and ms is not None and hasattr(ms, "release"):
+        ms.release(model)
+
+
 def free_mlx_memory():
     """After dropping a model's references: collect them, then return MLX's cached
     buffers to the system."""
@@ -749,6 +756,7 @@ class _Scheduler:
             m = self.models.pop(mid, None)
         if m is None:
             return
+        release_model(m.model)
         m.gen = m.model = m.prompt_cache = None
         free_mlx_memory()
 

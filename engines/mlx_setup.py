@@ -683,6 +683,7 @@ def prepare(model, info=None, config=None):
                  if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
     before = _weights_bytes(model)
     chosen["weights_bytes_before"] = before
+    twins = {}
     want = str(_setting(config, "mlx_dtype", "auto")).lower()
     dtypes = sorted({str(v.dtype).replace("mlx.core.", "")
                      for v in _leaves(model) if v.dtype in (mx.float16, mx.bfloat16, mx.float32)})
@@ -700,13 +701,15 @@ def prepare(model, info=None, config=None):
                            f"({_mb(budget)}, LOCALAI_MLX_MEMORY_BUDGET): weights kept as "
                            "stored (slower on a CPU)")
         elif quantized or any(d != "float32" for d in dtypes):
-            _to_float32(model, quantized)
+            twins = _to_float32(model, quantized)
             reasons.append(
                 f"CPU: weights dequantized/cast to float32 ({_mb(need)} <= budget "
                 f"{_mb(budget)}): float32 BLAS beats MLX's CPU quantized and half "
                 "matmuls several times")
         else:
             reasons.append("weights already float32")
+        if not on_gpu and str(_setting(config, "mlx_decode", "auto")).lower() != "off":
+            _fast_decode(model, twins, chosen)
     quant_left = [n for n, m in model.named_modules()
                   if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
     after_dtypes = sorted({str(v.dtype).replace("mlx.core.", "") for v in _leaves(model)
@@ -735,8 +738,11 @@ def _to_float32(model, quantized):
     import mlx.nn as nn
     from mlx.utils import tree_unflatten
 
-    new = []
+    new, twins = [], {}
     for name, module in quantized:
+        if getattr(module, "mode", "affine") == "affine" and "biases" in module:
+            twins[name] = (module.weight, module.scales, module.biases, module.bits,
+                           module.group_size)
         w = mx.dequantize(module.weight, module.scales, module.get("biases"),
                           group_size=module.group_size, bits=module.bits,
                           mode=getattr(module, "mode", "affine"), dtype=mx.float32)
@@ -754,6 +760,39 @@ def _to_float32(model, quantized):
         model.update_modules(tree_unflatten(new))
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
+    return twins
+
+
+def _fast_decode(model, twins, chosen):
+    """On a CPU with float32 weights: engines/mlx_decode's step (fewer graph nodes),
+    and the shim's quantized twins of its matrices (fewer bytes read per token)."""
+    from . import mlx_decode
+    why = mlx_decode.install(model, rows=twins)
+    if why is None:
+        return
+    chosen["reasons"].append(why)
+    chosen["decode"] = "fused"
+    if not twins or not hasattr(sys.modules[__name__], "register_quantized"):
+        return
+    done = 0
+    for w, rows in mlx_decode.weights(model):
+        if rows is not None and register_quantized(w, *rows):
+            done += 1
+    if done:
+        chosen["quantized_products"] = done
+        chosen["reasons"].append(
+            f"decode products read {done} weight matrices in their quantized form "
+            "(the shim keeps a copy; the float32 one serves prompts)")
+
+
+def release(model):
+    """Before a prepared model is dropped: forget the shim's quantized twins of its
+    matrices (their float32 buffers may then be freed and their addresses reused)."""
+    from . import mlx_decode
+    if hasattr(sys.modules[__name__], "unregister"):
+        for w, _rows in mlx_decode.weights(model):
+            unregister(w)
+    _prepared.pop(id(model), None)
 
 
 # --- describe ----------------------------------------------------------------------------
@@ -766,7 +805,8 @@ def describe(model=None):
         out["device"] = chosen.get("device", out["device"])
         out["dtype"] = chosen.get("dtype")
         out["weights_bytes"] = chosen.get("weights_bytes")
-        for k in ("float32_bytes", "memory_budget", "model"):
+        for k in ("float32_bytes", "memory_budget", "model", "decode",
+                  "quantized_products"):
             if k in chosen:
                 out[k] = chosen[k]
         out["reasons"] = out["reasons"] + chosen["reasons"]

@@ -1,0 +1,261 @@
+"""A decode step with few MLX graph nodes, for llama-family models on a CPU.
+
+(issue 8) Called by engines/mlx_setup.prepare() once a model's weights are float32
+on a CPU:
+
+    install(model, rows=None) -> str | None
+        the reason it was installed, or None (model left exactly as it was).
+        rows: {module name: tuple of arrays row-aligned with its weight} (e.g. the
+        quantized form it was dequantized from): permuted and fused like the weights
+    weights(model) -> [(w, rows or None)]
+        the float32 matrices the step multiplies by, with their fused rows
+
+Why: MLX's CPU backend runs the "fast" ops (rms_norm, rope, scaled-dot-product
+attention) as their composed fallbacks, so one decoded token of SmolLM2-135M was a
+graph of ~4,300 nodes (874 of them Broadcast) at ~3 us of scheduling each: ~13 ms
+of a ~25 ms step, beside ~12.7 ms of matrix products. The step below is ~1,300
+nodes: per layer one q|k|v product and one gate|up product (the weights are
+concatenated once; the modules' own weights become views of them, so the memory
+is the same), rope's cos/sin computed once per token for all layers, attention
+grouped by kv head without repeats, and the elementwise work fused by
+`mx.compile` (which needs g++ on Linux; without it MLX runs the same graph
+unfused, slower but the same numbers).
+
+Only the decode step (one new token per sequence, a KVCache or BatchKVCache) takes
+this path; prompts go through mlx-lm's own forward pass with the same weights.
+Models whose rope is "traditional" (GGUF imports: pairs of adjacent dims) get the
+rows of their q and k weights permuted so that rope rotates dims (i, i+half)
+instead: attention scores are sums over dims, so permuting q and k alike changes
+nothing, and both paths use the permuted weights. Logits agree with mlx-lm's
+forward pass within float32 rounding (tests/test_mlx_setup.py).
+
+Only llama and qwen2 models of the plain shape (nn.Linear, nn.RMSNorm, nn.RoPE
+over the whole head, full attention, no sliding window) are touched; anything else
+keeps mlx-lm's forward pass.
+"""
+import numpy as np
+
+SUPPORTED = ("llama", "qwen2")
+_classes = {}          # mlx-lm model class -> its fast subclass
+
+
+def install(model, rows=None):
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    why_not = _unsupported(model, nn)
+    if why_not:
+        return None
+    inner = model.model
+    layers = inner.layers
+    a0 = layers[0].self_attn
+    nh, nkv = a0.n_heads, a0.n_kv_heads
+    hd = a0.q_proj.weight.shape[0] // nh
+    rope = a0.rope
+    rows = dict(rows or {})
+    name = {id(mod): n for n, mod in model.named_modules()}
+    if rope.traditional:
+        perm = mx.array(np.concatenate([np.arange(0, hd, 2), np.arange(1, hd, 2)]))
+
+        def permute(x, n):
+            return x.reshape(n, hd, *x.shape[1:])[:, perm].reshape(x.shape)
+        for layer in layers:
+            a = layer.self_attn
+            for proj, n in ((a.q_proj, nh), (a.k_proj, nkv)):
+                proj.weight = permute(proj.weight, n)
+                if "bias" in proj:
+                    proj.bias = permute(proj.bias, n)
+                if name[id(proj)] in rows:
+                    rows[name[id(proj)]] = tuple(permute(x, n) if isinstance(x, mx.array) else x
+                                                  for x in rows[name[id(proj)]])
+            a.rope.traditional = False
+    fused, matrices = [], []
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        qkv = _fuse([a.q_proj, a.k_proj, a.v_proj], "weight")
+        gu = _fuse([m.gate_proj, m.up_proj], "weight")
+        bias = _fuse([a.q_proj, a.k_proj, a.v_proj], "bias") if "bias" in a.q_proj else None
+        for mat, mods in ((qkv, (a.q_proj, a.k_proj, a.v_proj)), (gu, (m.gate_proj, m.up_proj)),
+                          (a.o_proj.weight, (a.o_proj,)), (m.down_proj.weight, (m.down_proj,))):
+            matrices.append((mat, _fused_rows([rows.get(name[id(x)]) for x in mods])))
+        w = {"n1": layer.input_layernorm.weight, "qkv": qkv, "o": a.o_proj.weight,
+             "n2": layer.post_attention_layernorm.weight, "gu": gu,
+             "down": m.down_proj.weight}
+        # Transposed views, made once: the step's graph then has no Transpose nodes.
+        w.update({k + "_t": w[k].T for k in ("qkv", "o", "gu", "down")})
+        w["extra"] = () if bias is None else (bias,)
+        mx.eval(list(w.values()))
+        fused.append(w)
+    head_mod = model.lm_head if hasattr(model, "lm_head") else inner.embed_tokens
+    head = head_mod.weight
+    matrices.append((head, rows.get(name[id(head_mod)])))
+    state = _Step(fused, inner, head, rope, nh=nh, nkv=nkv, hd=hd, scale=a0.scale,
+                  eps=layers[0].input_layernorm.eps,
+                  ffn=layers[0].mlp.gate_proj.weight.shape[0])
+    state.matrices = matrices
+    object.__setattr__(model, "_localai_step", state)
+    cls = type(model)
+    if cls not in _classes:
+        _classes[cls] = type("Fast" + cls.__name__, (cls,), {"__call__": _fast_call})
+    model.__class__ = _classes[cls]
+    return (f"decode step: q|k|v and gate|up products fused, rope once per token, "
+            f"elementwise work compiled ({len(layers)} layers)")
+
+
+def weights(model):
+    """[(float32 matrix the step multiplies by, its rows' arrays or None)]."""
+    st = getattr(model, "_localai_step", None)
+    return [] if st is None else list(st.matrices)
+
+
+def _fused_rows(parts):
+    """The row-aligned arrays of several modules, concatenated like their weights
+    (None unless every module has them, with the same shapes past the rows)."""
+    import mlx.core as mx
+    if any(p is None for p in parts) or len({len(p) for p in parts}) != 1:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    out = []
+    for arrays in zip(*parts):
+        if any(not isinstance(x, mx.array) for x in arrays):
+            if len(set(arrays)) != 1:        # e.g. bits, group size: must agree
+                return None
+            out.append(arrays[0])
+        elif len({x.shape[1:] for x in arrays}) != 1 or len({x.dtype for x in arrays}) != 1:
+            return None
+        else:
+            out.append(mx.concatenate(arrays, axis=0))
+    mx.eval([x for x in out if isinstance(x, mx.array)])
+    return tuple(out)
+
+
+def _unsupported(model, nn):
+    import mlx.core as mx
+    inner = getattr(model, "model", None)
+    if getattr(model, "model_type", None) not in SUPPORTED or inner is None:
+        return "architecture"
+    if getattr(inner, "swa_idx", None) is not None or getattr(inner, "sliding_window", None):
+        return "sliding window"
+    if not hasattr(inner, "embed_tokens") or not isinstance(inner.embed_tokens, nn.Embedding):
+        return "embedding"
+    for layer in inner.layers:
+        a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if a is None or m is None:
+            return "layer shape"
+        lin = [getattr(a, k, None) for k in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        lin += [getattr(m, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
+        if any(type(x) is not nn.Linear for x in lin):
+            return "not plain Linear layers"
+        if any("bias" in x for x in lin[3:]):
+            return "bias outside q/k/v"
+        if len({"bias" in x for x in lin[:3]}) != 1:
+            return "mixed q/k/v biases"
+        if any(type(n) is not nn.RMSNorm for n in (layer.input_layernorm,
+                                                  layer.post_attention_layernorm)):
+            return "norm"
+        hd = a.q_proj.weight.shape[0] // a.n_heads
+        if type(a.rope) is not nn.RoPE or a.rope.dims != hd or a.n_heads % a.n_kv_heads:
+            return "rope"
+        if any(x.weight.dtype != mx.float32 for x in lin):
+            return "dtype"
+    if type(inner.norm) is not nn.RMSNorm:
+        return "norm"
+    if hasattr(model, "lm_head") and type(model.lm_head) is not nn.Linear:
+        return "head"
+    return None
+
+
+def _fuse(modules, name):
+    """One matrix (or bias) of the modules' rows; each module's own becomes a view."""
+    import mlx.core as mx
+    parts = [getattr(x, name) for x in modules]
+    whole = mx.concatenate(parts, axis=0)
+    mx.eval(whole)
+    start = 0
+    for x, p in zip(modules, parts):
+        setattr(x, name, whole[start:start + p.shape[0]])
+        start += p.shape[0]
+    return whole
+
+
+class _Step:
+    """The compiled pieces of one model's decode step and the weights they use."""
+
+    def __init__(self, fused, inner, head, rope, *, nh, nkv, hd, scale, eps, ffn):
+        import mlx.core as mx
+        import mlx.nn as nn
+        self.fused, self.inner, self.head, self.rope = fused, inner, head, rope
+        self.head_t = head.T
+        mx.eval(self.head_t)
+        self.nh, self.nkv, self.hd = nh, nkv, hd
+        self.rep = rep = nh // nkv
+        half = hd // 2
+        nq, nk = nh * hd, nkv * hd
+        # rope of [1..1, 0..0] at a position is [cos | sin] of its angles: the
+        # model's own rope op gives them, so any base/scale/frequency rule agrees.
+        self.unit = mx.concatenate([mx.ones((1, 1, 1, half)), mx.zeros((1, 1, 1, half))], -1)
+
+        def pre(x, n1, qkv_t, c, s, *bias):          # bias: () or (q|k|v bias,)
+            B = x.shape[0]
+            qkv = mx.fast.rms_norm(x, n1, eps) @ qkv_t
+            if bias:
+                qkv = qkv + bias[0]
+            qk = qkv[:, :nq + nk].reshape(B, nh + nkv, hd)
+            x1, x2 = qk[..., :half], qk[..., half:]
+            qk = mx.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+            q = qk[:, :nh].reshape(B, nkv, rep, hd) * scale
+            k = qk[:, nh:].reshape(B, nkv, 1, hd)
+            v = qkv[:, nq + nk:].reshape(B, nkv, 1, hd)
+            return q, k, v
+
+        def post(x, o, o_t, n2, gu_t, down_t):
+            h = x + o @ o_t
+            gu = mx.fast.rms_norm(h, n2, eps) @ gu_t
+            return h + (nn.silu(gu[:, :ffn]) * gu[:, ffn:]) @ down_t
+
+        def final(x, n, w_t):
+            return mx.fast.rms_norm(x, n, eps) @ w_t
+
+        self.pre, self.post, self.final = mx.compile(pre), mx.compile(post), mx.compile(final)
+
+    def __call__(self, inputs, caches):
+        import mlx.core as mx
+        from mlx_lm.models.base import create_attention_mask
+        B = inputs.shape[0]
+        h = self.inner.embed_tokens(inputs[:, 0])
+        mask = create_attention_mask(h[:, None], caches[0])
+        if isinstance(mask, str):
+            mask = None
+        off = caches[0].offset
+        if not isinstance(off, mx.array):
+            off = mx.array([off])
+        n = off.size
+        cs = self.rope(mx.broadcast_to(self.unit, (n, 1, 1, self.hd)), offset=off)
+        cs = cs.reshape(n, 1, self.hd)
+        half = self.hd // 2
+        c, s = cs[..., :half], cs[..., half:]
+        for w, cache in zip(self.fused, caches):
+            q, k, v = self.pre(h, w["n1"], w["qkv_t"], c, s, *w["extra"])
+            k, v = cache.update_and_fetch(k, v)
+            scores = q @ k.swapaxes(-1, -2)                  # B, nkv, rep, S
+            if mask is not None:
+                if mask.dtype == mx.bool_:
+                    scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+                else:
+                    scores = scores + mask
+            o = mx.softmax(scores, axis=-1, precise=True) @ v
+            h = self.post(h, o.reshape(B, self.nh * self.hd), w["o_t"], w["n2"], w["gu_t"],
+                          w["down_t"])
+        return self.final(h, self.inner.norm.weight, self.head_t)[:, None, :]
+
+
+def _fast_call(self, inputs, cache=None, input_embeddings=None, **kw):
+    """The model's __call__: the fused step for one new token per sequence with plain
+    KV caches, mlx-lm's forward pass for anything else."""
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+    if (cache is None or input_embeddings is not None or kw or inputs.ndim != 2
+            or inputs.shape[1] != 1
+            or not all(type(c) in (KVCache, BatchKVCache) for c in cache)):
+        return type(self).__mro__[1].__call__(self, inputs, cache, input_embeddings, **kw)
+    return self._localai_step(inputs, cache)
