@@ -13,10 +13,12 @@ sudo=""
 
 # espeak-ng: the voice behind pyttsx3; ffmpeg: audio decoding and encoding;
 # libopenblas0-pthread: a fast BLAS that the MLX engine loads on Linux CPUs;
-# gcc: compiles the small BLAS shim (engines/mlx_setup.py) that speeds up decoding.
+# gcc: compiles the small BLAS shim (engines/mlx_setup.py) that speeds up decoding;
+# g++: MLX compiles the fused kernels of mx.compile with it on Linux CPUs (without it
+# engines/mlx_decode.py's step runs unfused: same numbers, slower).
 $sudo apt-get update -q
 $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    python3 python3-venv python3-pip espeak-ng ffmpeg libopenblas0-pthread gcc libc6-dev
+    python3 python3-venv python3-pip espeak-ng ffmpeg libopenblas0-pthread gcc g++ libc6-dev
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
