@@ -105,13 +105,15 @@ _SHIM_C = r"""
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
 typedef void (*sgemm_t)(int, int, int, int, int, int, float, const float *, int,
                         const float *, int, float, float *, int);
 typedef void (*sgemv_t)(int, int, int, int, float, const float *, int, const float *,
                         int, float, float *, int);
 static sgemm_t real_sgemm;
 static sgemv_t real_sgemv;
-static _Atomic long n_calls, n_gemv, n_small;
+static _Atomic long n_calls, n_gemv, n_small, n_quant;
 static int small_max = 0;
 enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 
@@ -150,13 +152,183 @@ static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < VW; i++) s +
   }
 SMALL(1) SMALL(2) SMALL(3) SMALL(4)
 
+/* ---- quantized twins: a registered float32 weight matrix W (N x K, the B of
+   x @ W^T) is read from its MLX affine-quantized form instead, w = scale*q + bias per
+   group of gs values along K (0.6-1.25 bytes a weight instead of 4).
+   Layout, per weight row, per group: float scale, float bias, then the group's q:
+   8-bit one byte each in order; 4-bit in chunks of 2*VW values where byte i holds
+   value i (low nibble) and value VW+i (high nibble): one load, a mask and a shift
+   give two vectors. A group is dequantized once and used for all M rows of A. */
+#define QMAX_M 8
+struct qmat { const float *key; int N, K, bits, gs; size_t gbytes, rbytes;
+              unsigned char *data; struct qmat *next; };
+typedef unsigned char u8v __attribute__((vector_size(VW)));
+typedef int iv __attribute__((vector_size(VW * 4)));
+/* VW bytes zero-extended to VW ints (GCC does not turn the generic conversion into
+   one vpmovzxbd: it unpacks byte by byte, 8x slower). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline iv ldq(const unsigned char *p) {
+  return (iv)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline iv ldq(const unsigned char *p) {
+  return (iv)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+#else
+static inline iv ldq(const unsigned char *p) {
+  u8v v; __builtin_memcpy(&v, p, sizeof v); return __builtin_convertvector(v, iv);
+}
+#endif
+static inline vf cvt(iv u) { return __builtin_convertvector(u, vf); }
+#define QK(MM, BITS)                                                                \
+  static void qk##BITS##_##MM(const struct qmat *q, int n0, int n1, float alpha,    \
+                              const float *A, int lda, float beta, float *C, int ldc) { \
+    const int K = q->K, gs = q->gs;                                                 \
+    for (int n = n0; n < n1; n++) {                                                 \
+      const unsigned char *p = q->data + (size_t)n * q->rbytes;                     \
+      vf acc[MM];                                                                   \
+      for (int m = 0; m < MM; m++) acc[m] = (vf){0};                                \
+      for (int k0 = 0; k0 < K; k0 += gs, p += q->gbytes) {                          \
+        float sb[2];                                                                \
+        __builtin_memcpy(sb, p, sizeof sb);                                         \
+        vf s = (vf){0} + sb[0], b = (vf){0} + sb[1];                                \
+        const unsigned char *g = p + sizeof sb;                                     \
+        for (int k = k0; k < k0 + gs; k += (BITS == 4 ? 2 : 1) * VW, g += VW) {     \
+          iv u = ldq(g);                                                            \
+          if (BITS == 4) {                                                          \
+            vf lo = cvt(u & 15) * s + b, hi = cvt(u >> 4) * s + b;                  \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++) {                  \
+              const float *a = A + (size_t)m * lda + k;                             \
+              acc[m] += ld(a) * lo + ld(a + VW) * hi;                               \
+            }                                                                       \
+          } else {                                                                  \
+            vf w = cvt(u) * s + b;                                                  \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++)                    \
+              acc[m] += ld(A + (size_t)m * lda + k) * w;                            \
+          }                                                                         \
+        }                                                                           \
+      }                                                                             \
+      for (int m = 0; m < MM; m++) {                                                \
+        float r = alpha * hsum(acc[m]), *c = C + (size_t)m * ldc + n;               \
+        *c = beta == 0.f ? r : r + beta * *c;                                       \
+      }                                                                             \
+    }                                                                               \
+  }
+#define QK8(BITS) QK(1, BITS) QK(2, BITS) QK(3, BITS) QK(4, BITS) \
+                  QK(5, BITS) QK(6, BITS) QK(7, BITS) QK(8, BITS)
+QK8(4) QK8(8)
+typedef void (*qk_t)(const struct qmat *, int, int, float, const float *, int, float,
+                     float *, int);
+static const qk_t qkernels[2][QMAX_M] = {
+  {qk4_1, qk4_2, qk4_3, qk4_4, qk4_5, qk4_6, qk4_7, qk4_8},
+  {qk8_1, qk8_2, qk8_3, qk8_4, qk8_5, qk8_6, qk8_7, qk8_8}};
+
+/* The registry: key = B's data pointer (Python keeps that buffer alive while it is
+   registered, so the address cannot be reused). A chained hash under a mutex held only
+   for the lookup; an entry is freed only when unregistered, which the caller does while
+   no product runs on that matrix. */
+#define QBUCKETS 1024
+static struct qmat *qtab[QBUCKETS];
+static pthread_mutex_t qmu = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic long q_count, q_bytes;
+static unsigned qhash(const float *p) {
+  return (unsigned)(((uintptr_t)p >> 4) * 0x9E3779B97F4A7C15ull >> 54) % QBUCKETS;
+}
+
+static const struct qmat *qfind(const float *B, int N, int K, int ldb) {
+  if (atomic_load_explicit(&q_count, memory_order_relaxed) == 0) return NULL;
+  pthread_mutex_lock(&qmu);
+  const struct qmat *q = qtab[qhash(B)];
+  while (q && q->key != B) q = q->next;
+  if (q && (q->N != N || q->K != K || ldb != K)) q = NULL;
+  pthread_mutex_unlock(&qmu);
+  return q;
+}
+
+static struct qmat *qunlink(const float *key) {   /* under qmu */
+  struct qmat **pp = &qtab[qhash(key)];
+  while (*pp && (*pp)->key != key) pp = &(*pp)->next;
+  struct qmat *q = *pp;
+  if (q) {
+    *pp = q->next;
+    atomic_fetch_sub(&q_count, 1);
+    atomic_fetch_sub(&q_bytes, (long)(q->rbytes * q->N));
+  }
+  return q;
+}
+
+static void qfree(struct qmat *q) { if (q) { free(q->data); free(q); } }
+
+/* packed: N rows of K*bits/32 uint32 (value e at bits (e*bits)%32 of word e*bits/32);
+   scales, biases: N rows of K/gs floats. Returns 0, or < 0 (nothing registered). */
+int localai_quant_register(const float *key, int N, int K, int bits, int gs,
+                           const uint32_t *packed, const float *scales,
+                           const float *biases) {
+  if (!key || N <= 0 || K <= 0 || (bits != 4 && bits != 8) ||
+      (gs != 32 && gs != 64 && gs != 128) || K % gs)
+    return -1;
+  struct qmat *q = calloc(1, sizeof *q);
+  if (!q) return -2;
+  q->key = key; q->N = N; q->K = K; q->bits = bits; q->gs = gs;
+  q->gbytes = 2 * sizeof(float) + (size_t)gs * bits / 8;
+  q->rbytes = (size_t)(K / gs) * q->gbytes;
+  size_t total = q->rbytes * N, alloc = (total + 63) / 64 * 64;
+  q->data = aligned_alloc(64, alloc);
+  if (!q->data) { free(q); return -2; }
+  const int wpr = K * bits / 32, mask = (1 << bits) - 1;
+  for (int n = 0; n < N; n++) {
+    const uint32_t *row = packed + (size_t)n * wpr;
+    unsigned char *p = q->data + (size_t)n * q->rbytes;
+    for (int g = 0; g < K / gs; g++, p += q->gbytes) {
+      float sb[2] = {scales[(size_t)n * (K / gs) + g], biases[(size_t)n * (K / gs) + g]};
+      __builtin_memcpy(p, sb, sizeof sb);
+      unsigned char *d = p + sizeof sb;
+#define QVAL(e) ((int)(row[(size_t)(e) * bits / 32] >> ((size_t)(e) * bits % 32)) & mask)
+      if (bits == 8) {
+        for (int i = 0; i < gs; i++) d[i] = (unsigned char)QVAL(g * gs + i);
+      } else {
+        for (int c = 0; c < gs; c += 2 * VW)
+          for (int i = 0; i < VW; i++)
+            *d++ = (unsigned char)(QVAL(g * gs + c + i) | QVAL(g * gs + c + VW + i) << 4);
+      }
+#undef QVAL
+    }
+  }
+  pthread_mutex_lock(&qmu);
+  struct qmat *old = qunlink(key);
+  unsigned h = qhash(key);
+  q->next = qtab[h];
+  qtab[h] = q;
+  atomic_fetch_add(&q_count, 1);
+  atomic_fetch_add(&q_bytes, (long)total);
+  pthread_mutex_unlock(&qmu);
+  qfree(old);
+  return 0;
+}
+
+/* Returns 1 if key was registered (now removed), else 0. */
+int localai_quant_unregister(const float *key) {
+  pthread_mutex_lock(&qmu);
+  struct qmat *q = qunlink(key);
+  pthread_mutex_unlock(&qmu);
+  qfree(q);
+  return q != NULL;
+}
+
 struct job { int M, N, K, lda, ldb, ldc, rows; float alpha, beta;
-             const float *A, *B; float *C; };
+             const float *A, *B; float *C; const struct qmat *q; };
 static struct job J;
 
 /* rows [n0, n1) of the output, all M rows of A, in passes of at most 4 rows (the
    block of B stays in L2 between passes). */
 static void run_rows(const struct job *j, int n0, int n1) {
+  if (j->q) {                        /* a quantized twin: all M rows in one pass */
+    qkernels[j->q->bits == 8][j->M - 1](j->q, n0, n1, j->alpha, j->A, j->lda, j->beta,
+                                         j->C, j->ldc);
+    return;
+  }
   for (int m0 = 0; m0 < j->M; m0 += 4) {
     int mm = j->M - m0 < 4 ? j->M - m0 : 4;
     const float *A = j->A + (size_t)m0 * j->lda, *B = j->B + (size_t)n0 * j->ldb;
@@ -247,8 +419,9 @@ static void *helper(void *arg) {
 static atomic_flag in_use = ATOMIC_FLAG_INIT;
 
 static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda,
-                       const float *B, int ldb, float beta, float *C, int ldc) {
-  struct job j = {M, N, K, lda, ldb, ldc, N, alpha, beta, A, B, C};
+                       const float *B, int ldb, float beta, float *C, int ldc,
+                       const struct qmat *q) {
+  struct job j = {M, N, K, lda, ldb, ldc, N, alpha, beta, A, B, C, q};
   /* Small products, no helper, or another thread (a second MLX stream) already
      sharing the helper: do it all here. */
   if (helpers == 0 || (long)N * K < 65536 || atomic_flag_test_and_set(&in_use)) {
@@ -293,13 +466,30 @@ int localai_blas_init(const char *path, int smax, int nhelpers) {
   return 0;
 }
 long localai_blas_count(int which) {
-  return which == 0 ? n_calls : which == 1 ? n_gemv : which == 2 ? n_small : helpers;
+  switch (which) {
+    case 0: return n_calls;
+    case 1: return n_gemv;
+    case 2: return n_small;
+    case 3: return helpers;
+    case 4: return n_quant;          /* products served by a quantized twin */
+    case 5: return q_count;          /* matrices registered */
+    default: return q_bytes;         /* bytes their twins take */
+  }
 }
 
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
                  const float *A, int lda, const float *B, int ldb, float beta,
                  float *C, int ldc) {
   atomic_fetch_add_explicit(&n_calls, 1, memory_order_relaxed);
+  if (order == RowMajor && ta == NoTrans && tb == Trans && M >= 1 && M <= QMAX_M
+      && ldc >= N) {
+    const struct qmat *q = qfind(B, N, K, ldb);
+    if (q) {
+      atomic_fetch_add_explicit(&n_quant, 1, memory_order_relaxed);
+      small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, q);
+      return;
+    }
+  }
   if (order == RowMajor && ta == NoTrans && M == 1) {
     atomic_fetch_add_explicit(&n_gemv, 1, memory_order_relaxed);  /* one row: y = op(B)^T x, a matrix-vector product */
     if (tb == Trans)
@@ -311,7 +501,7 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
   if (order == RowMajor && ta == NoTrans && tb == Trans && M >= 2 && M <= small_max
       && ldc >= N) {
     atomic_fetch_add_explicit(&n_small, 1, memory_order_relaxed);
-    small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL);
     return;
   }
   real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -628,6 +818,115 @@ def blas_calls():
     if _shim is None:
         return None
     return tuple(int(_shim.localai_blas_count(i)) for i in range(3))
+
+
+# --- quantized twins: decode products read the quantized weights (issue 8) ---------------
+# A decode step reads every weight matrix once per token; float32 is 4 bytes a weight,
+# MLX's affine-quantized form 0.6-1.25. The shim keeps a copy of the quantized form of
+# a registered float32 matrix and serves `x @ w32.T` from it when x has 1..8 rows;
+# longer products (prompts) keep the float32 BLAS path.
+QUANT_BITS = (4, 8)
+QUANT_GROUP_SIZES = (32, 64, 128)
+_quant = {}                    # data pointer of a registered float32 matrix -> the matrix
+_quant_lock = threading.Lock()
+
+
+def _quant_lib():
+    if _shim is None or not hasattr(_shim, "localai_quant_register"):
+        return None
+    if _shim.localai_quant_register.argtypes is None:
+        p = ctypes.c_void_p
+        _shim.localai_quant_register.argtypes = [p, ctypes.c_int, ctypes.c_int,
+                                                 ctypes.c_int, ctypes.c_int, p, p, p]
+        _shim.localai_quant_register.restype = ctypes.c_int
+        _shim.localai_quant_unregister.argtypes = [p]
+        _shim.localai_quant_unregister.restype = ctypes.c_int
+    return _shim
+
+
+def _data_pointer(w32):
+    """Address of a row-contiguous float32 2-D mx.array's own buffer, or None (a numpy
+    view of it, never a copy: copy=False raises if one would be needed)."""
+    import numpy as np
+    try:
+        view = np.array(w32, copy=False)
+    except (ValueError, TypeError, RuntimeError):
+        return None
+    if (view.dtype != np.float32 or view.ndim != 2 or not view.flags.c_contiguous
+            or view.flags.owndata):
+        return None
+    return view.ctypes.data
+
+
+def register_quantized(w32, packed, scales, biases, bits, group_size):
+    """Serve `x @ w32.T` (x of 1..8 rows) from the quantized triple of the same matrix.
+
+    w32: evaluated, row-contiguous float32 mx.array (N, K). packed: uint32 (N,
+    K*bits/32); scales, biases: (N, K/group_size), float16/bfloat16/float32 (MLX affine
+    quantization: w = scale * q + bias per group). The shim copies them (scales and
+    biases as float32) and keeps a reference to w32 so its buffer, the key, cannot be
+    freed and its address reused while registered. Call while no product runs on w32.
+    Returns False, registering nothing, without the shim or for an unsupported form
+    (bits 4/8, group sizes 32/64/128, K a multiple of group_size)."""
+    lib = _quant_lib()
+    if lib is None or bits not in QUANT_BITS or group_size not in QUANT_GROUP_SIZES:
+        return False
+    import mlx.core as mx
+    import numpy as np
+    if biases is None or w32.dtype != mx.float32 or w32.ndim != 2:
+        return False
+    n, k = w32.shape
+    if (k % group_size or tuple(packed.shape) != (n, k * bits // 32)
+            or packed.dtype != mx.uint32 or tuple(scales.shape) != (n, k // group_size)
+            or tuple(biases.shape) != (n, k // group_size)):
+        return False
+    ptr = _data_pointer(w32)
+    if ptr is None:
+        return False
+    q = np.ascontiguousarray(np.array(packed), dtype=np.uint32)
+    s = np.ascontiguousarray(np.array(scales.astype(mx.float32)), dtype=np.float32)
+    b = np.ascontiguousarray(np.array(biases.astype(mx.float32)), dtype=np.float32)
+    with _quant_lock:
+        rc = lib.localai_quant_register(ptr, n, k, bits, group_size, q.ctypes.data,
+                                        s.ctypes.data, b.ctypes.data)
+        if rc != 0:
+            return False
+        _quant[ptr] = w32
+    return True
+
+
+def unregister(w32):
+    """Forget w32's quantized twin (C side first, then our reference). True if it had
+    one. Call while no product runs on w32."""
+    lib = _quant_lib()
+    ptr = _data_pointer(w32) if lib is not None else None
+    with _quant_lock:
+        if ptr is None or ptr not in _quant:
+            return False
+        lib.localai_quant_unregister(ptr)
+        del _quant[ptr]
+    return True
+
+
+def unregister_all():
+    """Forget every quantized twin; returns how many there were."""
+    lib = _quant_lib()
+    with _quant_lock:
+        count = len(_quant)
+        for ptr in list(_quant):
+            lib.localai_quant_unregister(ptr)
+            del _quant[ptr]
+    return count
+
+
+def quantized_calls():
+    """{"calls": products served by a quantized twin, "matrices": registered,
+    "bytes": their twins' size}, or None without the shim."""
+    if _quant_lib() is None:
+        return None
+    return {"calls": int(_shim.localai_blas_count(4)),
+            "matrices": int(_shim.localai_blas_count(5)),
+            "bytes": int(_shim.localai_blas_count(6))}
 
 
 def _shim_helpers():

@@ -1,0 +1,282 @@
+"""engines/mlx_setup.register_quantized: the BLAS shim serves `x @ w32.T` (x of 1..8
+rows) from the quantized twin of a registered float32 matrix, with the same results.
+configure() must run before mlx is imported, so the checks run in fresh interpreters
+(subprocesses) and report JSON back."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
+
+
+def run_py(code, env=None, timeout=300):
+    e = dict(os.environ)
+    e.update(env or {})
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+CHECK = r"""
+import json, threading
+import numpy as np
+from engines import mlx_setup as ms
+ms.configure()
+import mlx.core as mx
+out = {"describe": ms.describe()}
+if ms.quantized_calls() is None:
+    out["skip"] = "no BLAS shim: " + "; ".join(ms.describe()["reasons"])
+    print(json.dumps(out)); raise SystemExit
+rng = np.random.default_rng(0)
+calls = lambda: ms.quantized_calls()["calls"]
+
+def make(n, k, bits, gs, dtype):
+    w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(dtype)
+    q, s, b = mx.quantize(w, group_size=gs, bits=bits)
+    # the exact float32 values of the quantized weights (float32 scale arithmetic)
+    w32 = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=gs,
+                        bits=bits)
+    # MLX's own dequantize with half scales rounds every value to the half type
+    w_half = mx.dequantize(q, s, b, group_size=gs, bits=bits, dtype=mx.float32)
+    mx.eval(w32, w_half)
+    return w32, w_half, (q, s, b, bits, gs)
+
+def rel(got, ref):
+    got, ref = np.array(got, dtype=np.float64), np.array(ref, dtype=np.float64)
+    return float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-30))
+
+# 1. every form: bits x group size x scale dtype, M = 1..8, N odd (no whole blocks),
+#    one size big enough to be split with the helper thread; plain, alpha, beta.
+err, err_half, products, missed = 0.0, 0.0, 0, 0
+for bits in (4, 8):
+    for gs in (32, 64, 128):
+        for dt, (n, k) in ((mx.float32, (37, 256)), (mx.float16, (1001, 128)),
+                           (mx.bfloat16, (77, 384))):
+            w32, w_half, quant = make(n, k, bits, gs, dt)
+            assert ms.register_quantized(w32, *quant), (bits, gs, dt)
+            for m in range(1, 9):
+                x = mx.array(rng.standard_normal((m, k)).astype(np.float32))
+                c = mx.array(rng.standard_normal((m, n)).astype(np.float32))
+                ref = np.array(x, np.float64) @ np.array(w32, np.float64).T
+                c0 = calls()
+                y = x @ w32.T
+                z = mx.addmm(c, x, w32.T, alpha=0.5, beta=2.0)
+                mx.eval(y, z)
+                products += 2
+                missed += 2 - (calls() - c0)
+                err = max(err, rel(y, ref), rel(z, 0.5 * ref + 2.0 * np.array(c)))
+                if dt != mx.float32:
+                    err_half = max(err_half, rel(y, np.array(x) @ np.array(w_half).T))
+            assert ms.unregister(w32)
+out.update(max_rel_err=err, max_rel_err_vs_half_dequantize=err_half,
+           products=products, missed=missed)
+
+# 2. more than 8 rows, after unregister, and a different shape on the same buffer:
+#    the float32 path, same values.
+w32, _, quant = make(300, 128, 4, 32, mx.float32)
+assert ms.register_quantized(w32, *quant)
+x9 = mx.array(rng.standard_normal((9, 128)).astype(np.float32))
+x3 = mx.array(rng.standard_normal((3, 128)).astype(np.float32))
+c0 = calls(); y9 = x9 @ w32.T; mx.eval(y9); out["calls_m9"] = calls() - c0
+c0 = calls(); y3 = x3 @ w32.T; mx.eval(y3); out["calls_m3"] = calls() - c0
+half = w32[:150]                       # same data pointer, other N: not the twin
+c0 = calls(); yh = x3 @ half.T; mx.eval(yh); out["calls_other_shape"] = calls() - c0
+out["registered"] = ms.quantized_calls()
+out["unregister"] = [ms.unregister(w32), ms.unregister(w32)]
+c0 = calls(); y3b = x3 @ w32.T; mx.eval(y3b); out["calls_after_unregister"] = calls() - c0
+out["after_unregister_rel"] = rel(y3b, y3)
+out["m9_rel"] = rel(y9, np.array(x9, np.float64) @ np.array(w32, np.float64).T)
+out["other_shape_rel"] = rel(yh, np.array(x3, np.float64) @ np.array(half, np.float64).T)
+out["empty"] = ms.quantized_calls()
+
+# 3. batched decode shapes (rows x 1 token) reach the twin as one product.
+w32, _, quant = make(200, 64, 8, 32, mx.float16)
+assert ms.register_quantized(w32, *quant)
+xb = mx.array(rng.standard_normal((4, 1, 64)).astype(np.float32))
+c0 = calls(); yb = xb @ w32.T; mx.eval(yb); out["calls_batched"] = calls() - c0
+out["batched_rel"] = rel(yb, np.array(xb, np.float64) @ np.array(w32, np.float64).T)
+assert ms.unregister(w32)
+
+# 4. unsupported forms: nothing registered.
+w32, _, (q, s, b, bits, gs) = make(64, 128, 4, 32, mx.float32)
+q2, s2, b2 = mx.quantize(w32, group_size=32, bits=2)
+s16, b16 = mx.repeat(s, 2, axis=1), mx.repeat(b, 2, axis=1)   # (MLX has no group 16)
+q8, s8, b8 = mx.quantize(w32, group_size=32, bits=8)
+wt = mx.array(np.array(w32).T.copy()).T     # the same values, column-major
+out["unsupported"] = [
+    ms.register_quantized(w32, q2, s2, b2, 2, 32),
+    ms.register_quantized(w32, q, s16, b16, 4, 16),
+    ms.register_quantized(w32, q, s, b, 8, 32),            # packed shape is not 8-bit's
+    ms.register_quantized(w32, q8[:, :-1], s8, b8, 8, 32),
+    ms.register_quantized(w32, q, s, None, 4, 32),
+    ms.register_quantized(w32.astype(mx.float16), q, s, b, 4, 32),
+    ms.register_quantized(wt, q, s, b, 4, 32),
+    ms.register_quantized(w32[None], q, s, b, 4, 32),
+]
+out["after_unsupported"] = ms.quantized_calls()
+
+# 5. two threads on two MLX streams multiply registered matrices at once (the helper
+#    thread is shared) while a third registers and unregisters other matrices.
+mats = [make(1500, 128, bits, 32, mx.float16) for bits in (4, 8)]
+for w32, _, quant in mats:
+    assert ms.register_quantized(w32, *quant)
+xs = mx.array(rng.standard_normal((4, 128)).astype(np.float32))
+refs = [np.array(xs, np.float64) @ np.array(w32, np.float64).T for w32, _, _ in mats]
+stop = threading.Event()
+spare = [make(40, 64, 4, 32, mx.float32) for _ in range(4)]
+def churn():
+    while not stop.is_set():
+        for w32, _, quant in spare:
+            ms.register_quantized(w32, *quant)
+        for w32, _, _ in spare:
+            ms.unregister(w32)
+def hammer(i, res):
+    st = mx.new_stream(mx.cpu)
+    w32 = mats[i][0]
+    with mx.stream(st):
+        for r in range(40):
+            xr = xs[: 1 + r % 4]
+            res.append(rel(np.array((xr * (r + 1)) @ w32.T) / (r + 1), refs[i][: 1 + r % 4]))
+res = [[], []]
+c0 = calls()
+ths = [threading.Thread(target=hammer, args=(i, res[i])) for i in range(2)]
+ch = threading.Thread(target=churn)
+ch.start()
+for t in ths: t.start()
+for t in ths: t.join()
+stop.set(); ch.join()
+out["threaded_err"] = max(res[0] + res[1])
+out["threaded_runs"] = len(res[0]) + len(res[1])
+out["threaded_calls"] = calls() - c0
+out["unregister_all"] = ms.unregister_all()
+out["final"] = ms.quantized_calls()
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory):
+    if not OPENBLAS.exists():
+        pytest.skip("Debian libopenblas0-pthread not installed")
+    out = run_py(CHECK, env={"LOCALAI_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+                             # two threads (an earlier in-process configure() may
+                             # have put OPENBLAS_NUM_THREADS=1 in our environment)
+                             "LOCALAI_BLAS_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"})
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    return out
+
+
+def test_twin_products_equal_the_float32_products(checked):
+    # bits 4/8 x groups 32/64/128 x float32/float16/bfloat16 scales x M 1..8,
+    # plain and addmm (alpha, beta), all through the twin.
+    assert checked["products"] == 2 * 3 * 3 * 8 * 2
+    assert checked["missed"] == 0
+    assert checked["max_rel_err"] < 1e-5
+    # MLX's own dequantize with half scales rounds each weight to the half type; the
+    # twin computes scale*q+bias in float32 (exactly): they differ by that rounding.
+    assert checked["max_rel_err_vs_half_dequantize"] < 1e-2
+
+
+def test_other_shapes_and_unregistered_take_the_float32_path(checked):
+    assert checked["calls_m3"] == 1
+    assert checked["calls_m9"] == 0 and checked["m9_rel"] < 1e-5
+    assert checked["calls_other_shape"] == 0 and checked["other_shape_rel"] < 1e-5
+    assert checked["registered"]["matrices"] == 1
+    assert checked["registered"]["bytes"] == 300 * 4 * (8 + 16)    # 4 groups of 32
+    assert checked["unregister"] == [True, False]
+    assert checked["calls_after_unregister"] == 0
+    assert checked["after_unregister_rel"] < 1e-5
+    assert checked["empty"]["matrices"] == 0 and checked["empty"]["bytes"] == 0
+
+
+def test_batched_decode_shape_uses_the_twin(checked):
+    assert checked["calls_batched"] == 1
+    assert checked["batched_rel"] < 1e-5
+
+
+def test_unsupported_forms_register_nothing(checked):
+    assert checked["unsupported"] == [False] * 8
+    assert checked["after_unsupported"]["matrices"] == 0
+
+
+def test_concurrent_products_and_registration(checked):
+    assert checked["describe"]["shim_helpers"] == 1
+    assert checked["threaded_runs"] == 80
+    assert checked["threaded_calls"] == 80
+    assert checked["threaded_err"] < 1e-5
+    assert checked["unregister_all"] == 2
+    assert checked["final"]["matrices"] == 0
+
+
+def test_without_the_shim_nothing_registers():
+    out = run_py(
+        "import json\nfrom engines import mlx_setup as ms\nms.configure()\n"
+        "import mlx.core as mx\n"
+        "w = mx.random.normal((64, 64)); q = mx.quantize(w, group_size=32, bits=4)\n"
+        "w32 = mx.dequantize(*q, group_size=32, bits=4); mx.eval(w32)\n"
+        "print(json.dumps([ms.register_quantized(w32, *q, 4, 32), ms.unregister(w32),"
+        " ms.quantized_calls()]))", env={"LOCALAI_MLX_BLAS": "off"})
+    assert out == [False, False, None]
+
+
+PORTABLE = r"""
+import ctypes, json, sys
+import numpy as np
+lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_LOCAL)
+assert lib.localai_blas_init(sys.argv[2].encode(), 8, 1) == 0
+P = ctypes.c_void_p
+lib.localai_quant_register.argtypes = [P, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_int, P, P, P]
+lib.cblas_sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, P, ctypes.c_int, P,
+                            ctypes.c_int, ctypes.c_float, P, ctypes.c_int]
+lib.localai_blas_count.restype = ctypes.c_long
+rng = np.random.default_rng(1)
+err = 0.0
+for bits, gs, n, k in ((4, 32, 1001, 128), (8, 64, 77, 256), (4, 128, 300, 384)):
+    q = rng.integers(0, 1 << bits, (n, k))
+    s = rng.standard_normal((n, k // gs)).astype(np.float32)
+    b = rng.standard_normal((n, k // gs)).astype(np.float32)
+    w = (np.repeat(s, gs, 1) * q + np.repeat(b, gs, 1)).astype(np.float32)
+    packed = np.zeros((n, k * bits // 32), np.uint32)
+    for e in range(k):                    # value e at bits (e*bits)%32 of word e*bits/32
+        packed[:, e * bits // 32] |= (q[:, e].astype(np.uint32) << (e * bits % 32))
+    assert lib.localai_quant_register(w.ctypes.data, n, k, bits, gs, packed.ctypes.data,
+                                      s.ctypes.data, b.ctypes.data) == 0
+    for m in range(1, 9):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        c = np.zeros((m, n), np.float32)
+        lib.cblas_sgemm(101, 111, 112, m, n, k, 1.0, x.ctypes.data, k, w.ctypes.data, k,
+                        0.0, c.ctypes.data, n)
+        ref = x.astype(np.float64) @ w.T.astype(np.float64)
+        err = max(err, float(np.abs(c - ref).max() / np.abs(ref).max()))
+print(json.dumps({"err": err, "quant_calls": lib.localai_blas_count(4)}))
+"""
+
+
+@pytest.mark.skipif(not OPENBLAS.exists(), reason="Debian libopenblas0-pthread not installed")
+@pytest.mark.parametrize("flags", [["-mavx2", "-mfma"], []], ids=["avx2", "generic"])
+def test_kernel_without_avx512(tmp_path, flags):
+    # The shim is built with -march=native (AVX-512 here); other CPUs get the AVX2 or
+    # the generic vector code: same results. The kernel is called directly.
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler")
+    from engines import mlx_setup as ms
+    src, lib = tmp_path / "shim.c", tmp_path / "shim.so"
+    src.write_text(ms._SHIM_C)
+    subprocess.run([cc, "-O3", *flags, "-shared", "-fPIC", "-pthread", "-o", str(lib),
+                    str(src), "-ldl"], check=True, capture_output=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", PORTABLE, str(lib), str(OPENBLAS)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["quant_calls"] == 3 * 8
+    assert out["err"] < 1e-5
