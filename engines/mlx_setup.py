@@ -182,37 +182,71 @@ static inline iv ldq(const unsigned char *p) {
 }
 #endif
 static inline vf cvt(iv u) { return __builtin_convertvector(u, vf); }
+/* A tree sum (the scalar chain of hsum costs as much as a quarter of a row here). */
+#if (__GNUC__ >= 12 || defined(__clang__)) && VW == 16
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+static inline float hsum_q(vf v) {
+  vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+        + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
+  return b[0] + b[1];
+}
+#else
+#define hsum_q hsum
+#endif
+/* One group of a weight row (p: its scale and bias, then its q) into accumulators
+   J and J+1 of every row of A, in units of 2*VW values: two vectors w0, w1 (4-bit: the
+   low and high nibbles of VW bytes; 8-bit: 2*VW bytes). */
+#define QGROUP(MM, BITS, J)                                                         \
+  do {                                                                              \
+    float sb[2];                                                                    \
+    __builtin_memcpy(sb, p, sizeof sb);                                             \
+    p += sizeof sb;                                                                 \
+    vf s = (vf){0} + sb[0], b = (vf){0} + sb[1];                                    \
+    for (int u = 0; u < gs; u += 2 * VW, k += 2 * VW) {                             \
+      vf w0, w1;                                                                    \
+      if (BITS == 4) {                                                              \
+        iv q4 = ldq(p);                                                             \
+        w0 = cvt(q4 & 15) * s + b;                                                  \
+        w1 = cvt(q4 >> 4) * s + b;                                                  \
+        p += VW;                                                                    \
+      } else {                                                                      \
+        w0 = cvt(ldq(p)) * s + b;                                                   \
+        w1 = cvt(ldq(p + VW)) * s + b;                                              \
+        p += 2 * VW;                                                                \
+      }                                                                             \
+      _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++) {                        \
+        const float *a = A + (size_t)m * lda + k;                                   \
+        acc[m][J] += ld(a) * w0;                                                    \
+        acc[m][J + 1] += ld(a + VW) * w1;                                           \
+      }                                                                             \
+    }                                                                               \
+  } while (0)
+/* Rows [n0, n1) of the output for MM rows of A; each weight row is read once, in
+   order. One row of A gets 4 accumulators (two groups at a time), enough independent
+   chains to keep the FMA units busy. */
 #define QK(MM, BITS)                                                                \
   static void qk##BITS##_##MM(const struct qmat *q, int n0, int n1, float alpha,    \
                               const float *A, int lda, float beta, float *C, int ldc) { \
-    const int K = q->K, gs = q->gs;                                                 \
+    const int gs = q->gs, G = q->K / gs;                                            \
     for (int n = n0; n < n1; n++) {                                                 \
       const unsigned char *p = q->data + (size_t)n * q->rbytes;                     \
-      vf acc[MM];                                                                   \
-      for (int m = 0; m < MM; m++) acc[m] = (vf){0};                                \
-      for (int k0 = 0; k0 < K; k0 += gs, p += q->gbytes) {                          \
-        float sb[2];                                                                \
-        __builtin_memcpy(sb, p, sizeof sb);                                         \
-        vf s = (vf){0} + sb[0], b = (vf){0} + sb[1];                                \
-        const unsigned char *g = p + sizeof sb;                                     \
-        for (int k = k0; k < k0 + gs; k += (BITS == 4 ? 2 : 1) * VW, g += VW) {     \
-          iv u = ldq(g);                                                            \
-          if (BITS == 4) {                                                          \
-            vf lo = cvt(u & 15) * s + b, hi = cvt(u >> 4) * s + b;                  \
-            _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++) {                  \
-              const float *a = A + (size_t)m * lda + k;                             \
-              acc[m] += ld(a) * lo + ld(a + VW) * hi;                               \
-            }                                                                       \
-          } else {                                                                  \
-            vf w = cvt(u) * s + b;                                                  \
-            _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++)                    \
-              acc[m] += ld(A + (size_t)m * lda + k) * w;                            \
-          }                                                                         \
+      vf acc[MM][4];                                                                \
+      for (int m = 0; m < MM; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = (vf){0}; \
+      int g = 0, k = 0;                                                             \
+      if (MM == 1)                                                                  \
+        for (; g + 1 < G; g += 2) {                                                 \
+          QGROUP(MM, BITS, 0);                                                      \
+          QGROUP(MM, BITS, 2);                                                      \
         }                                                                           \
-      }                                                                             \
+      for (; g < G; g++) QGROUP(MM, BITS, 0);                                       \
       for (int m = 0; m < MM; m++) {                                                \
-        float r = alpha * hsum(acc[m]), *c = C + (size_t)m * ldc + n;               \
-        *c = beta == 0.f ? r : r + beta * *c;                                       \
+        vf t = acc[m][0] + acc[m][1];                                               \
+        if (MM == 1) t += acc[m][2] + acc[m][3];                                    \
+        float v = alpha * hsum_q(t), *c = C + (size_t)m * ldc + n;                  \
+        *c = beta == 0.f ? v : v + beta * *c;                                       \
       }                                                                             \
     }                                                                               \
   }
