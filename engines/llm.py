@@ -20,9 +20,10 @@ model are decoded together in one batched forward pass (continuous batching:
 requests join and leave the batch between tokens). Each request has its own
 sampler (own PRNG key, so a ``seed`` repeats whatever else is in the batch), its
 own logits processors (penalties) and its own text-level stop sequences.
-A batch whose requests are all greedy and have no processors takes the argmax
-of the logits (``_greedy_step``): mlx-lm's step would first compute a
-log-softmax over the whole vocabulary per row, ~0.5 ms each on a CPU.
+A batch whose requests have no processors is sampled in one pass
+(``_batch_step``, ``sampling.sample_rows``): mlx-lm's step would first compute a
+log-softmax over the whole vocabulary per row, ~0.5 ms each on a CPU, then call
+each request's sampler on its own.
 Between every decode step the scheduler checks each request's ``cancel`` event and
 drops cancelled requests from the batch; queued requests whose cancel is set are
 discarded without running. Prompt processing runs in slices of PREFILL_STEP tokens,
@@ -66,7 +67,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import BadInput, Busy, EngineError, Unavailable
-from .sampling import StopFilter, is_greedy, make_sampler
+from .sampling import StopFilter, make_sampler, sample_rows
 
 log = logging.getLogger("localai.llm")
 
@@ -578,30 +579,31 @@ class _Loaded(Resident):
         self.prompt_cache = None
 
 
-# What _greedy_step uses of mlx-lm's GenerationBatch (0.32); another layout keeps
+# What _batch_step uses of mlx-lm's GenerationBatch (0.32); another layout keeps
 # mlx-lm's own step.
 _STEP_ATTRS = ("model", "uids", "prompt_cache", "tokens", "samplers",
                "logits_processors", "_next_tokens", "_next_logprobs")
 
 
-def _greedy_step(self):
-    """mlx-lm's GenerationBatch._step, bound to our batch, minus the log-softmax
-    over the whole vocabulary when every request in the batch is greedy and has no
-    logits processor: the argmax of the logits is the argmax of the logprobs, and
-    nobody reads the logprobs. That softmax costs ~0.5 ms per row per token on a
-    CPU (MLX's x86 exp is scalar), so it grew with every stream in the batch. Any
-    other batch takes mlx-lm's step unchanged. Same pipelining as mlx-lm: the next
-    token is computed asynchronously while this one is handed out."""
+def _batch_step(self):
+    """mlx-lm's GenerationBatch._step, bound to our batch, sampling the whole batch
+    in one pass (sampling.sample_rows) when no request has a logits processor
+    (penalties): mlx-lm's step calls one sampler per request and first takes a
+    log-softmax over the whole vocabulary for every row, ~0.5 ms per row per token
+    on a CPU (MLX's x86 exp is scalar); greedy rows need only the argmax and top_k
+    rows only their k logits. Nobody reads the logprobs (the server refuses
+    logprobs), so none are kept. Any other batch takes mlx-lm's step unchanged.
+    Same pipelining as mlx-lm: the next token is computed asynchronously while this
+    one is handed out."""
     samplers = self.samplers
-    if (any(self.logits_processors) or len(samplers) != len(self.uids)
-            or not all(is_greedy(s) for s in samplers)):
+    if any(self.logits_processors) or len(samplers) != len(self.uids) or not samplers:
         return type(self)._step(self)
     import mlx.core as mx
     self._current_tokens = inputs = self._next_tokens
     self._current_logprobs = self._next_logprobs
     logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
-    self._next_tokens = mx.argmax(logits, axis=-1)
-    self._next_logprobs = [None] * len(self.uids)      # never read by the engine
+    self._next_tokens = sample_rows(samplers, logits)
+    self._next_logprobs = [None] * len(self.uids)
     mx.async_eval(self._next_tokens)
     mx.eval(inputs, self._current_logprobs)
     inputs = inputs.tolist()
@@ -818,7 +820,7 @@ class _Scheduler:
                                stop_tokens=[[t] for t in m.tok.eos_token_ids])
         gb = getattr(m.gen, "_generation_batch", None)
         if gb is not None and all(hasattr(gb, a) for a in _STEP_ATTRS):
-            gb._step = types.MethodType(_greedy_step, gb)
+            gb._step = types.MethodType(_batch_step, gb)
         if m.prompt_cache is None:
             m.prompt_cache = LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES,
                                             max_bytes=PROMPT_CACHE_BYTES)

@@ -2,6 +2,7 @@
 engines: the per-request sampler and the stop-sequence filter.
 
     make_sampler(req) -> sampler(logprobs) -> token ids     (mlx; one per request)
+    sample_rows(samplers, logits) -> token ids              (a whole batch at once)
     is_greedy(sampler) -> True for temperature 0 (the argmax; logits suffice)
     StopFilter(stops).feed(text, final=False) -> (text to release, stopped)
     find_stop(text, stops), safe_prefix_len(text, stops)    (the filter's two rules)
@@ -80,49 +81,114 @@ def is_greedy(sampler):
     return sampler is _greedy
 
 
-def make_sampler(req):
-    """A per-request sampler with its own PRNG key: the same seed gives the same
-    tokens whichever other requests share the batch.
+class Sampler:
+    """One request's sampling parameters and its own PRNG key: the same seed gives
+    the same tokens whichever other requests share the batch.
 
     Filters run in llama.cpp's (and so Ollama's) order on the untempered
     distribution: top_k, then top_p over what is left (renormalised), then min_p;
-    the temperature applies to the final draw. It avoids sorting the vocabulary,
-    which costs ~20 ms per token on a CPU with MLX (mlx-lm's apply_top_p): top_k is
-    a partition, top_p a bisection on the probability threshold (the same nucleus
-    as a sort, ties aside), and the draw an inverse CDF (a cumsum and one uniform)."""
-    import math
-    import mlx.core as mx
+    the temperature applies to the final draw. It never sorts the vocabulary, which
+    costs ~20 ms per token on a CPU with MLX (mlx-lm's apply_top_p): top_k is a
+    partition (only its k survivors are sorted), top_p over the whole vocabulary
+    a bisection on the probability threshold (the same nucleus as a sort, ties
+    aside), and the draw an inverse CDF (a cumsum and one uniform).
+    Called with one row of logprobs (the vision engine, mlx-lm's own step), or
+    through sample_rows() for a whole batch at once (engines/llm.py)."""
+
+    __slots__ = ("inv_temp", "top_k", "top_p", "min_p", "key")
+
+    def __init__(self, req, seed):
+        import mlx.core as mx
+        self.inv_temp, self.top_k = 1.0 / req.temperature, req.top_k
+        self.top_p, self.min_p = req.top_p, req.min_p
+        self.key = mx.random.key(int(seed) & ((1 << 64) - 1))
+
+    def __call__(self, logprobs):
+        return sample_rows([self], logprobs)
+
+    def uniform(self):
+        """This request's next uniform draw, shape (1, 1); advances its key."""
+        import mlx.core as mx
+        self.key, sub = mx.random.split(self.key)
+        return mx.random.uniform(shape=(1, 1), key=sub)
+
+
+def make_sampler(req):
+    """The request's sampler: _greedy for temperature 0, else its own Sampler."""
     if req.temperature == 0:
         return _greedy
     seed = req.seed if req.seed is not None else random.SystemRandom().getrandbits(63)
-    state = {"key": mx.random.key(int(seed) & ((1 << 64) - 1))}
-    inv_temp, top_p, top_k, min_p = 1.0 / req.temperature, req.top_p, req.top_k, req.min_p
-    log_min_p = math.log(min_p) if min_p > 0 else None
+    return Sampler(req, seed)
 
-    def sampler(logprobs):
-        key, sub = mx.random.split(state["key"])
-        state["key"] = key
-        lp, idx = logprobs, None
-        if 0 < top_k < lp.shape[-1]:
-            idx = mx.argpartition(-lp, kth=top_k - 1, axis=-1)[:, :top_k]
-            lp = mx.take_along_axis(lp, idx, axis=-1)
-            lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
-        if 0 < top_p < 1.0:
-            lp = mx.where(_nucleus(lp, top_p), lp, -mx.inf)
-        if log_min_p is not None:
-            lp = mx.where(lp >= mx.max(lp, axis=-1, keepdims=True) + log_min_p, lp, -mx.inf)
-        choice = _draw(lp * inv_temp, sub)
-        if idx is not None:
-            choice = mx.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
-        return choice
-    return sampler
+
+def sample_rows(samplers, logits):
+    """One token id per row of logits (B, V; normalised or not) for a batch of
+    samplers (make_sampler's), in one pass per kind of request: rows with the
+    same top_k go together (a request's numbers then never depend on the others),
+    greedy rows take the argmax. What a row gets is what its sampler alone gives."""
+    import mlx.core as mx
+    groups = {}
+    for i, s in enumerate(samplers):
+        k = "greedy" if s is _greedy else (s.top_k if 0 < s.top_k < logits.shape[-1] else 0)
+        groups.setdefault(k, []).append(i)
+    order, parts = [], []
+    for k, rows in groups.items():
+        sub = logits if len(groups) == 1 else logits[mx.array(rows)]
+        if k == "greedy":
+            parts.append(mx.argmax(sub, axis=-1))
+        else:
+            parts.append(_sample_group([samplers[i] for i in rows], sub, k))
+        order += rows
+    if len(parts) == 1:
+        return parts[0]
+    out = mx.concatenate(parts)
+    return out[mx.array(sorted(range(len(order)), key=order.__getitem__))]
+
+
+def _column(values):
+    import mlx.core as mx
+    return mx.array(values, dtype=mx.float32)[:, None]
+
+
+def _sample_group(samplers, logits, top_k):
+    import math
+    import mlx.core as mx
+    u = mx.concatenate([s.uniform() for s in samplers])          # (B, 1)
+    inv_temp = _column([s.inv_temp for s in samplers])
+    want_p = [s.top_p if 0 < s.top_p < 1.0 else 2.0 for s in samplers]
+    log_min_p = [math.log(s.min_p) if s.min_p > 0 else -math.inf for s in samplers]
+    idx = None
+    if top_k:
+        # The k most likely, sorted: the nucleus is then an exact cumulative sum.
+        idx = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[:, :top_k]
+        lp = mx.take_along_axis(logits, idx, axis=-1)
+        rank = mx.argsort(-lp, axis=-1)
+        lp, idx = mx.take_along_axis(lp, rank, axis=-1), mx.take_along_axis(idx, rank, axis=-1)
+        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+        if min(want_p) < 1.0:
+            p = mx.exp(lp)
+            lp = mx.where(mx.cumsum(p, axis=-1) - p < _column(want_p), lp, -mx.inf)
+    elif min(want_p) < 1.0 or max(log_min_p) > -math.inf:
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if min(want_p) < 1.0:
+            lp = mx.where(_nucleus(lp, _column(want_p)), lp, -mx.inf)
+    else:
+        lp = logits           # no filter: the draw's softmax normalises (one exp pass)
+    if max(log_min_p) > -math.inf:
+        floor = mx.max(lp, axis=-1, keepdims=True) + _column(log_min_p)
+        lp = mx.where(lp >= floor, lp, -mx.inf)
+    choice = _draw(lp * inv_temp, u)
+    if idx is not None:
+        choice = mx.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    return choice
 
 
 NUCLEUS_STEPS = 24   # bisection steps: threshold resolution of max(p) / 2**24
 
 
 def _nucleus(logprobs, top_p):
-    """Mask of the smallest set of most likely tokens whose mass reaches top_p."""
+    """Mask of the smallest set of most likely tokens whose mass reaches top_p (a
+    column; rows with top_p above 1 keep everything)."""
     import mlx.core as mx
     p = mx.exp(logprobs)
     lo = mx.zeros(p.shape[:-1] + (1,), dtype=p.dtype)       # mass(p >= lo) >= top_p
@@ -132,12 +198,12 @@ def _nucleus(logprobs, top_p):
         enough = mx.sum(mx.where(p >= mid, p, 0.0), axis=-1, keepdims=True) >= top_p
         lo = mx.where(enough, mid, lo)
         hi = mx.where(enough, hi, mid)
-    return p >= lo
+    return (p >= lo) | (top_p > 1.0)
 
 
-def _draw(logits, key):
-    """One token per row from softmax(logits) by inverse CDF."""
+def _draw(logits, u):
+    """One token per row from softmax(logits) by inverse CDF, with a uniform per row."""
     import mlx.core as mx
     c = mx.cumsum(mx.softmax(logits, axis=-1), axis=-1)
-    u = mx.random.uniform(shape=c.shape[:-1] + (1,), key=key) * c[:, -1:] * (1.0 - 1e-6)
+    u = u * c[:, -1:] * (1.0 - 1e-6)
     return mx.minimum(mx.sum(c <= u, axis=-1), logits.shape[-1] - 1)

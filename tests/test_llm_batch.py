@@ -5,11 +5,11 @@ import threading
 MODEL = "smollm2-135m-instruct"
 
 
-def test_greedy_batch_skips_log_softmax_and_keeps_every_answer(models_dir):
-    """Four greedy requests decoded together (the engine's argmax-of-logits step,
-    no log-softmax) give exactly the texts each gives alone; so do they beside a
-    sampled request, whose batch takes mlx-lm's own step (log-softmax, then the
-    samplers)."""
+def test_batch_sampled_in_one_pass_keeps_every_answer(models_dir):
+    """Requests decoded together (the engine's one-pass sampling of the batch: the
+    argmax for greedy rows, no full log-softmax for top_k rows) give exactly the
+    texts each gives alone: greedy ones, and seeded sampled ones with different
+    filters (Ollama's top_k/top_p, OpenAI's plain temperature, top_p alone, min_p)."""
     from engines import llm
     from engines.catalog import Catalog
     info = Catalog(models_dir).resolve(MODEL)
@@ -19,25 +19,75 @@ def test_greedy_batch_skips_log_softmax_and_keeps_every_answer(models_dir):
                                                   max_tokens=16, **kw)))
         return "".join(c.text for c in chunks)
     prompts = ["Once upon a time", "1, 2, 3,", "The capital of France", "def add(a, b):"]
+    sampled = [("Hello", dict(temperature=0.8, top_k=40, top_p=0.9, seed=3)),
+               ("A poem:", dict(temperature=1.0, seed=4)),
+               ("My dog", dict(temperature=0.7, top_p=0.9, seed=5)),
+               ("Hello", dict(temperature=1.2, min_p=0.05, top_k=20, seed=6))]
     alone = [run(p, temperature=0) for p in prompts]
+    alone_sampled = [run(p, **kw) for p, kw in sampled]
+    assert len(set(alone_sampled[:2])) == 2
 
-    def together(extra_sampled):
+    def together(with_sampled):
         out = {}
 
         def worker(i):
             out[i] = run(prompts[i], temperature=0)
+
+        def sampled_worker(j):
+            out["s", j] = run(sampled[j][0], **sampled[j][1])
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-        if extra_sampled:
-            threads.append(threading.Thread(
-                target=lambda: out.__setitem__("s", run("Hello", temperature=1.0, seed=3))))
+        if with_sampled:
+            threads += [threading.Thread(target=sampled_worker, args=(j,)) for j in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        return [out[i] for i in range(4)]
+        return ([out[i] for i in range(4)],
+                [out["s", j] for j in range(4)] if with_sampled else None)
     m = llm._SCHED.models[info.id]
     step = getattr(m.gen._generation_batch, "_step", None)
-    assert getattr(step, "__func__", None) is llm._greedy_step
-    assert together(False) == alone
-    assert together(True) == alone
-    assert llm.stats()["peak_batch"] >= 4
+    assert getattr(step, "__func__", None) is llm._batch_step
+    assert together(False) == (alone, None)
+    assert together(True) == (alone, alone_sampled)
+    assert llm.stats()["peak_batch"] >= 5
+
+
+def test_sampler_filters():
+    """sample_rows on made-up logits: top_k, top_p and min_p keep exactly the tokens
+    they should, whatever else is in the batch; a seed repeats."""
+    from tests.test_mlx_setup import run_py
+    out = run_py(r"""
+import json
+from types import SimpleNamespace as R
+import mlx.core as mx
+from engines.sampling import make_sampler, sample_rows
+# probabilities 0.4 0.3 0.2 0.1 (then nothing) at tokens 7 3 5 1
+logits = mx.full((1, 16), -mx.inf)
+for t, p in ((7, .4), (3, .3), (5, .2), (1, .1)):
+    logits[0, t] = mx.log(mx.array(p))
+def seen(**kw):
+    kw = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 1, **kw}
+    s = make_sampler(R(**kw))
+    other = make_sampler(R(**{**kw, "top_k": 0, "top_p": 1.0, "seed": 9}))
+    got = set()
+    for _ in range(300):
+        rows = sample_rows([s, other, make_sampler(R(**{**kw, "temperature": 0}))],
+                           mx.concatenate([logits] * 3))
+        got.add(int(rows[0]))
+        assert int(rows[2]) == 7
+    return sorted(got)
+a = make_sampler(R(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=5))
+b = make_sampler(R(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=5))
+print(json.dumps({"all": seen(), "k2": seen(top_k=2), "p05": seen(top_p=0.5),
+                  "p065": seen(top_p=0.65), "k3p09": seen(top_k=3, top_p=0.9),
+                  "minp": seen(min_p=0.45), "minp2": seen(min_p=0.6), "seed": [int(a(logits)[0]) for _ in range(20)] ==
+                  [int(b(logits)[0]) for _ in range(20)]}))
+""")
+    assert out["all"] == [1, 3, 5, 7]
+    assert out["k2"] == [3, 7]
+    assert out["p05"] == [3, 7]            # 0.4 < 0.5: the next token is needed
+    assert out["p065"] == [3, 7]           # 0.4 + 0.3 reaches 0.65
+    assert out["k3p09"] == [3, 5, 7]
+    assert out["minp"] == [3, 5, 7]        # p >= 0.45 * 0.4
+    assert out["minp2"] == [3, 7]          # p >= 0.6 * 0.4
+    assert out["seed"] is True
