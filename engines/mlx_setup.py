@@ -196,21 +196,35 @@ static inline float hsum_q(vf v) {
 #else
 #define hsum_q hsum
 #endif
+/* 4-bit: the group's 16 possible values, scale*j + bias, are computed once and each
+   nibble picks its value with a permute (the index's upper bits are ignored: modulo
+   the table size), instead of a conversion and an FMA per vector. */
+#if VW == 16
+static const vf iota16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#define QLUT(BITS) vf lut = BITS == 4 ? iota16 * s + b : s
+#define QDEQ4(u) __builtin_shuffle(lut, u)
+#else
+static const vf iota8 = {0, 1, 2, 3, 4, 5, 6, 7};
+#define QLUT(BITS) vf lut0 = iota8 * s + b, lut1 = (iota8 + 8) * s + b
+#define QDEQ4(u) __builtin_shuffle(lut0, lut1, u)
+#endif
 /* One group of a weight row (p: its scale and bias, then its q) into accumulators
    J and J+1 of every row of A, in units of 2*VW values: two vectors w0, w1 (4-bit: the
    low and high nibbles of VW bytes; 8-bit: 2*VW bytes). */
 #define QGROUP(MM, BITS, J)                                                         \
   do {                                                                              \
-    float sb[2];                                                                    \
-    __builtin_memcpy(sb, p, sizeof sb);                                             \
-    p += sizeof sb;                                                                 \
-    vf s = (vf){0} + sb[0], b = (vf){0} + sb[1];                                    \
+    float s1, b1;                  /* one load each: a broadcast from memory */     \
+    __builtin_memcpy(&s1, p, sizeof s1);                                            \
+    __builtin_memcpy(&b1, p + sizeof s1, sizeof b1);                                \
+    p += sizeof s1 + sizeof b1;                                                     \
+    vf s = s1 - (vf){0}, b = b1 - (vf){0};         /* x - 0 == x */                  \
+    QLUT(BITS);                                                                     \
     for (int u = 0; u < gs; u += 2 * VW, k += 2 * VW) {                             \
       vf w0, w1;                                                                    \
       if (BITS == 4) {                                                              \
         iv q4 = ldq(p);                                                             \
-        w0 = cvt(q4 & 15) * s + b;                                                  \
-        w1 = cvt(q4 >> 4) * s + b;                                                  \
+        w0 = QDEQ4(q4);                                                             \
+        w1 = QDEQ4(q4 >> 4);                                                        \
         p += VW;                                                                    \
       } else {                                                                      \
         w0 = cvt(ldq(p)) * s + b;                                                   \
@@ -226,11 +240,13 @@ static inline float hsum_q(vf v) {
   } while (0)
 /* Rows [n0, n1) of the output for MM rows of A; each weight row is read once, in
    order. One row of A gets 4 accumulators (two groups at a time), enough independent
-   chains to keep the FMA units busy. */
-#define QK(MM, BITS)                                                                \
-  static void qk##BITS##_##MM(const struct qmat *q, int n0, int n1, float alpha,    \
-                              const float *A, int lda, float beta, float *C, int ldc) { \
-    const int gs = q->gs, G = q->K / gs;                                            \
+   chains to keep the FMA units busy. GS: the group size if known when compiled (32,
+   the common one: no loop inside a group), else 0. */
+#define QK(MM, BITS, GS)                                                            \
+  static void qk##BITS##_##MM##_##GS(const struct qmat *q, int n0, int n1,          \
+                                     float alpha, const float *A, int lda,          \
+                                     float beta, float *C, int ldc) {               \
+    const int gs = GS ? GS : q->gs, G = q->K / gs;                                  \
     for (int n = n0; n < n1; n++) {                                                 \
       const unsigned char *p = q->data + (size_t)n * q->rbytes;                     \
       vf acc[MM][4];                                                                \
@@ -250,14 +266,15 @@ static inline float hsum_q(vf v) {
       }                                                                             \
     }                                                                               \
   }
-#define QK8(BITS) QK(1, BITS) QK(2, BITS) QK(3, BITS) QK(4, BITS) \
-                  QK(5, BITS) QK(6, BITS) QK(7, BITS) QK(8, BITS)
-QK8(4) QK8(8)
+#define QK8(BITS, GS) QK(1, BITS, GS) QK(2, BITS, GS) QK(3, BITS, GS) QK(4, BITS, GS) \
+                      QK(5, BITS, GS) QK(6, BITS, GS) QK(7, BITS, GS) QK(8, BITS, GS)
+QK8(4, 32) QK8(8, 32) QK8(4, 0) QK8(8, 0)
 typedef void (*qk_t)(const struct qmat *, int, int, float, const float *, int, float,
                      float *, int);
-static const qk_t qkernels[2][QMAX_M] = {
-  {qk4_1, qk4_2, qk4_3, qk4_4, qk4_5, qk4_6, qk4_7, qk4_8},
-  {qk8_1, qk8_2, qk8_3, qk8_4, qk8_5, qk8_6, qk8_7, qk8_8}};
+#define QK_ROW(BITS, GS) {qk##BITS##_1_##GS, qk##BITS##_2_##GS, qk##BITS##_3_##GS, \
+  qk##BITS##_4_##GS, qk##BITS##_5_##GS, qk##BITS##_6_##GS, qk##BITS##_7_##GS, qk##BITS##_8_##GS}
+static const qk_t qkernels[2][2][QMAX_M] = {            /* [gs == 32][bits == 8][M - 1] */
+  {QK_ROW(4, 0), QK_ROW(8, 0)}, {QK_ROW(4, 32), QK_ROW(8, 32)}};
 
 /* The registry: key = B's data pointer (Python keeps that buffer alive while it is
    registered, so the address cannot be reused). A chained hash under a mutex held only
@@ -359,8 +376,8 @@ static struct job J;
    block of B stays in L2 between passes). */
 static void run_rows(const struct job *j, int n0, int n1) {
   if (j->q) {                        /* a quantized twin: all M rows in one pass */
-    qkernels[j->q->bits == 8][j->M - 1](j->q, n0, n1, j->alpha, j->A, j->lda, j->beta,
-                                         j->C, j->ldc);
+    qkernels[j->q->gs == 32][j->q->bits == 8][j->M - 1](j->q, n0, n1, j->alpha, j->A,
+                                                         j->lda, j->beta, j->C, j->ldc);
     return;
   }
   for (int m0 = 0; m0 < j->M; m0 += 4) {
