@@ -158,7 +158,9 @@ SMALL(1) SMALL(2) SMALL(3) SMALL(4)
    Layout, per weight row, per group: float scale, float bias, then the group's q:
    8-bit one byte each in order; 4-bit in chunks of 2*VW values where byte i holds
    value i (low nibble) and value VW+i (high nibble): one load, a mask and a shift
-   give two vectors. A group is dequantized once and used for all M rows of A. */
+   give two vectors. Rows 2i and 2i+1 alternate group by group (the kernel reads two
+   rows as one stream); a lone last row follows. A group is dequantized once and used
+   for all M rows of A. */
 #define QMAX_M 8
 struct qmat { const float *key; int N, K, bits, gs; size_t gbytes, rbytes;
               unsigned char *data; struct qmat *next; };
@@ -201,68 +203,105 @@ static inline float hsum_q(vf v) {
    the table size), instead of a conversion and an FMA per vector. */
 #if VW == 16
 static const vf iota16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-#define QLUT(BITS) vf lut = BITS == 4 ? iota16 * s + b : s
-#define QDEQ4(u) __builtin_shuffle(lut, u)
+#define QLUT_DECL(RR) vf lut[RR]
+#define QLUT_SET(r) (lut[r] = iota16 * s[r] + b[r])
+#define QDEQ4(r, u) __builtin_shuffle(lut[r], u)
 #else
 static const vf iota8 = {0, 1, 2, 3, 4, 5, 6, 7};
-#define QLUT(BITS) vf lut0 = iota8 * s + b, lut1 = (iota8 + 8) * s + b
-#define QDEQ4(u) __builtin_shuffle(lut0, lut1, u)
+#define QLUT_DECL(RR) vf lut0[RR], lut1[RR]
+#define QLUT_SET(r) (lut0[r] = iota8 * s[r] + b[r], lut1[r] = (iota8 + 8) * s[r] + b[r])
+#define QDEQ4(r, u) __builtin_shuffle(lut0[r], lut1[r], u)
 #endif
-/* One group of a weight row (p: its scale and bias, then its q) into accumulators
-   J and J+1 of every row of A, in units of 2*VW values: two vectors w0, w1 (4-bit: the
-   low and high nibbles of VW bytes; 8-bit: 2*VW bytes). */
-#define QGROUP(MM, BITS, J)                                                         \
+/* Loaded once into registers for both weight rows (GCC would load them again as
+   memory operands of each FMA: twice the loads). */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__AVX__)
+#define QKEEP(x0, x1) __asm__("" : "+v"(x0), "+v"(x1))
+#else
+#define QKEEP(x0, x1) (void)0
+#endif
+/* Group g of RR weight rows (p: row 0's; row r's is r*gb further on) into every row
+   of A, in units of 2*VW values: two vectors w0, w1 per weight row (4-bit: the low
+   and high nibbles of VW bytes; 8-bit: 2*VW bytes). */
+#define QGROUP(MM, BITS, RR)                                                        \
   do {                                                                              \
-    float s1, b1;                  /* one load each: a broadcast from memory */     \
-    __builtin_memcpy(&s1, p, sizeof s1);                                            \
-    __builtin_memcpy(&b1, p + sizeof s1, sizeof b1);                                \
-    p += sizeof s1 + sizeof b1;                                                     \
-    vf s = s1 - (vf){0}, b = b1 - (vf){0};         /* x - 0 == x */                  \
-    QLUT(BITS);                                                                     \
+    vf s[RR], b[RR];                                                                \
+    QLUT_DECL(RR);                                                                  \
+    for (int r = 0; r < RR; r++) {                                                  \
+      float s1, b1;                /* one load each: a broadcast from memory */     \
+      __builtin_memcpy(&s1, p + r * gb, sizeof s1);                                 \
+      __builtin_memcpy(&b1, p + r * gb + sizeof s1, sizeof b1);                     \
+      s[r] = s1 - (vf){0};         /* x - 0 == x */                                 \
+      b[r] = b1 - (vf){0};                                                          \
+      if (BITS == 4) QLUT_SET(r);                                                   \
+    }                                                                               \
+    const unsigned char *d = p + 2 * sizeof(float);                                 \
     for (int u = 0; u < gs; u += 2 * VW, k += 2 * VW) {                             \
-      vf w0, w1;                                                                    \
-      if (BITS == 4) {                                                              \
-        iv q4 = ldq(p);                                                             \
-        w0 = QDEQ4(q4);                                                             \
-        w1 = QDEQ4(q4 >> 4);                                                        \
-        p += VW;                                                                    \
-      } else {                                                                      \
-        w0 = cvt(ldq(p)) * s + b;                                                   \
-        w1 = cvt(ldq(p + VW)) * s + b;                                              \
-        p += 2 * VW;                                                                \
+      vf w0[RR], w1[RR];                                                            \
+      for (int r = 0; r < RR; r++) {                                                \
+        if (BITS == 4) {                                                            \
+          iv q4 = ldq(d + r * gb);                                                  \
+          w0[r] = QDEQ4(r, q4);                                                     \
+          w1[r] = QDEQ4(r, q4 >> 4);                                                \
+        } else {                                                                    \
+          w0[r] = cvt(ldq(d + r * gb)) * s[r] + b[r];                               \
+          w1[r] = cvt(ldq(d + r * gb + VW)) * s[r] + b[r];                          \
+        }                                                                           \
       }                                                                             \
+      d += BITS == 4 ? VW : 2 * VW;                                                 \
       _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++) {                        \
         const float *a = A + (size_t)m * lda + k;                                   \
-        acc[m][J] += ld(a) * w0;                                                    \
-        acc[m][J + 1] += ld(a + VW) * w1;                                           \
+        vf x0 = ld(a), x1 = ld(a + VW);                                             \
+        if (RR > 1) QKEEP(x0, x1);                                                  \
+        for (int r = 0; r < RR; r++) {                                              \
+          acc[r][m][0] += x0 * w0[r];                                               \
+          acc[r][m][1] += x1 * w1[r];                                               \
+        }                                                                           \
       }                                                                             \
     }                                                                               \
+    p += gst;                                                                       \
   } while (0)
-/* Rows [n0, n1) of the output for MM rows of A; each weight row is read once, in
-   order. One row of A gets 4 accumulators (two groups at a time), enough independent
-   chains to keep the FMA units busy. GS: the group size if known when compiled (32,
-   the common one: no loop inside a group), else 0. */
+/* RR (1 or 2) output columns from weight rows n.. : where the pair's groups alternate
+   (see the layout) a row's groups are 2*gb apart, for a lone last row gb. */
+#define QROWS(MM, BITS, RR)                                                         \
+  do {                                                                              \
+    const unsigned char *p;                                                         \
+    size_t gst = 2 * gb;                                                            \
+    if (RR == 2 || (n & 1) || n + 1 < q->N) {                                       \
+      p = q->data + (size_t)(n & ~1) * q->rbytes + (size_t)(n & 1) * gb;            \
+    } else {                                                                        \
+      p = q->data + (size_t)n * q->rbytes;                                          \
+      gst = gb;                                                                     \
+    }                                                                               \
+    vf acc[RR][MM][2];                                                              \
+    for (int r = 0; r < RR; r++)                                                    \
+      for (int m = 0; m < MM; m++) acc[r][m][0] = acc[r][m][1] = (vf){0};           \
+    int k = 0;                                                                      \
+    for (int g = 0; g < G; g++) QGROUP(MM, BITS, RR);                               \
+    for (int r = 0; r < RR; r++)                                                    \
+      for (int m = 0; m < MM; m++) {                                                \
+        float v = alpha * hsum_q(acc[r][m][0] + acc[r][m][1]);                      \
+        float *c = C + (size_t)m * ldc + n + r;                                     \
+        *c = beta == 0.f ? v : v + beta * *c;                                       \
+      }                                                                             \
+  } while (0)
+/* Output columns [n0, n1) for MM rows of A. Two weight rows at a time (one stream in
+   memory, see the layout) when MM <= 4: every load of A serves both, and one row of A
+   still gets 4 independent accumulator chains; more rows of A would not fit in the
+   registers. GS: the group size when known at compile time (32, the common one: no
+   loop inside a group), else 0. */
 #define QK(MM, BITS, GS)                                                            \
   static void qk##BITS##_##MM##_##GS(const struct qmat *q, int n0, int n1,          \
                                      float alpha, const float *A, int lda,          \
                                      float beta, float *C, int ldc) {               \
     const int gs = GS ? GS : q->gs, G = q->K / gs;                                  \
-    for (int n = n0; n < n1; n++) {                                                 \
-      const unsigned char *p = q->data + (size_t)n * q->rbytes;                     \
-      vf acc[MM][4];                                                                \
-      for (int m = 0; m < MM; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = (vf){0}; \
-      int g = 0, k = 0;                                                             \
-      if (MM == 1)                                                                  \
-        for (; g + 1 < G; g += 2) {                                                 \
-          QGROUP(MM, BITS, 0);                                                      \
-          QGROUP(MM, BITS, 2);                                                      \
-        }                                                                           \
-      for (; g < G; g++) QGROUP(MM, BITS, 0);                                       \
-      for (int m = 0; m < MM; m++) {                                                \
-        vf t = acc[m][0] + acc[m][1];                                               \
-        if (MM == 1) t += acc[m][2] + acc[m][3];                                    \
-        float v = alpha * hsum_q(t), *c = C + (size_t)m * ldc + n;                  \
-        *c = beta == 0.f ? v : v + beta * *c;                                       \
+    const size_t gb = q->gbytes;                                                    \
+    for (int n = n0; n < n1;) {                                                     \
+      if (MM <= 4 && !(n & 1) && n + 1 < n1) {                                      \
+        QROWS(MM, BITS, 2);                                                         \
+        n += 2;                                                                     \
+      } else {                                                                      \
+        QROWS(MM, BITS, 1);                                                         \
+        n += 1;                                                                     \
       }                                                                             \
     }                                                                               \
   }
@@ -331,8 +370,10 @@ int localai_quant_register(const float *key, int N, int K, int bits, int gs,
   const int wpr = K * bits / 32, mask = (1 << bits) - 1;
   for (int n = 0; n < N; n++) {
     const uint32_t *row = packed + (size_t)n * wpr;
-    unsigned char *p = q->data + (size_t)n * q->rbytes;
-    for (int g = 0; g < K / gs; g++, p += q->gbytes) {
+    /* rows 2i and 2i+1 alternate group by group; a lone last row is on its own */
+    int paired = (n & 1) || n + 1 < N;
+    unsigned char *p = q->data + (size_t)(n & ~1) * q->rbytes + (size_t)(n & 1) * q->gbytes;
+    for (int g = 0; g < K / gs; g++, p += (paired ? 2 : 1) * q->gbytes) {
       float sb[2] = {scales[(size_t)n * (K / gs) + g], biases[(size_t)n * (K / gs) + g]};
       __builtin_memcpy(p, sb, sizeof sb);
       unsigned char *d = p + sizeof sb;
@@ -479,8 +520,8 @@ static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda
     run_rows(&j, 0, N);
     return;
   }
-  int rows = 65536 / K;              /* a block of B: ~256 KB, stays in L2 */
-  if (rows < 8) rows = 8;
+  int rows = 65536 / K & ~1;         /* a block of B: ~256 KB, stays in L2; even: */
+  if (rows < 8) rows = 8;            /* the quantized kernel takes rows in pairs */
   int blocks = (N + rows - 1) / rows;
   if (blocks > (int)FIELD) { run_rows(&j, 0, N); atomic_flag_clear(&in_use); return; }
   j.rows = rows;
