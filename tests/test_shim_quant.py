@@ -75,6 +75,22 @@ for bits in (4, 8):
                 if dt != mx.float32:
                     err_half = max(err_half, rel(y, np.array(x) @ np.array(w_half).T))
             assert ms.unregister(w32)
+# tiny matrices: one row alone, one pair, a pair and a lone row (the kernel takes
+# weight rows in pairs); registering the same matrix twice replaces its twin.
+for n in (1, 2, 3):
+    for bits in (4, 8):
+        w32, _, quant = make(n, 128, bits, 32, mx.float16)
+        assert ms.register_quantized(w32, *quant) and ms.register_quantized(w32, *quant)
+        products += 8
+        for m in range(1, 9):
+            x = mx.array(rng.standard_normal((m, 128)).astype(np.float32))
+            c0 = calls()
+            y = x @ w32.T
+            mx.eval(y)
+            missed += 1 - (calls() - c0)
+            err = max(err, rel(y, np.array(x, np.float64) @ np.array(w32, np.float64).T))
+        out.setdefault("tiny_registered", []).append(ms.quantized_calls()["matrices"])
+        assert ms.unregister(w32)
 out.update(max_rel_err=err, max_rel_err_vs_half_dequantize=err_half,
            products=products, missed=missed)
 
@@ -177,8 +193,9 @@ def checked(tmp_path_factory):
 def test_twin_products_equal_the_float32_products(checked):
     # bits 4/8 x groups 32/64/128 x float32/float16/bfloat16 scales x M 1..8,
     # plain and addmm (alpha, beta), all through the twin.
-    assert checked["products"] == 2 * 3 * 3 * 8 * 2
+    assert checked["products"] == 2 * 3 * 3 * 8 * 2 + 3 * 2 * 8
     assert checked["missed"] == 0
+    assert checked["tiny_registered"] == [1] * 6          # re-registering replaces
     assert checked["max_rel_err"] < 1e-5
     # MLX's own dequantize with half scales rounds each weight to the half type; the
     # twin computes scale*q+bias in float32 (exactly): they differ by that rounding.
