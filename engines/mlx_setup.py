@@ -157,8 +157,8 @@ SMALL(1) SMALL(2) SMALL(3) SMALL(4)
    group of gs values along K (0.6-1.25 bytes a weight instead of 4).
    Layout, per weight row, per group: float scale, float bias, then the group's q:
    8-bit one byte each in order; 4-bit in chunks of 2*VW values where byte i holds
-   value i (low nibble) and value VW+i (high nibble): one load, a mask and a shift
-   give two vectors. Rows 2i and 2i+1 alternate group by group (the kernel reads two
+   value i (low nibble) and value VW+i (high nibble): one load and a shift give two
+   vectors. Rows 2i and 2i+1 alternate group by group (the kernel reads two
    rows as one stream); a lone last row follows. A group is dequantized once and used
    for all M rows of A. */
 #define QMAX_M 8
@@ -198,19 +198,19 @@ static inline float hsum_q(vf v) {
 #else
 #define hsum_q hsum
 #endif
-/* 4-bit: the group's 16 possible values, scale*j + bias, are computed once and each
-   nibble picks its value with a permute (the index's upper bits are ignored: modulo
-   the table size), instead of a conversion and an FMA per vector. */
+/* 4-bit with AVX-512: the group's 16 possible values, scale*j + bias, are computed
+   once and each nibble picks its value with a permute (vpermps reads only an index's
+   low 4 bits), instead of a conversion and an FMA per vector: the same values.
+   Elsewhere: the conversion and the FMA. */
 #if VW == 16
 static const vf iota16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 #define QLUT_DECL(RR) vf lut[RR]
 #define QLUT_SET(r) (lut[r] = iota16 * s[r] + b[r])
-#define QDEQ4(r, u) __builtin_shuffle(lut[r], u)
+#define QDEQ4(r, u) ((vf)_mm512_permutexvar_ps((__m512i)(u), (__m512)lut[r]))
 #else
-static const vf iota8 = {0, 1, 2, 3, 4, 5, 6, 7};
-#define QLUT_DECL(RR) vf lut0[RR], lut1[RR]
-#define QLUT_SET(r) (lut0[r] = iota8 * s[r] + b[r], lut1[r] = (iota8 + 8) * s[r] + b[r])
-#define QDEQ4(r, u) __builtin_shuffle(lut0[r], lut1[r], u)
+#define QLUT_DECL(RR) (void)0
+#define QLUT_SET(r) (void)0
+#define QDEQ4(r, u) (cvt((u) & 15) * s[r] + b[r])
 #endif
 /* Loaded once into registers for both weight rows (GCC would load them again as
    memory operands of each FMA: twice the loads). */
