@@ -1134,7 +1134,12 @@ def _to_float32(model, quantized):
         if getattr(module, "mode", "affine") == "affine" and "biases" in module:
             twins[name] = (module.weight, module.scales, module.biases, module.bits,
                            module.group_size)
-        w = mx.dequantize(module.weight, module.scales, module.get("biases"),
+        # float32 scales and biases: with float16 ones mx.dequantize rounds every
+        # weight to float16 even for a float32 result; scale*q + bias exact in
+        # float32 is what llama.cpp computes, and what the shim's twins compute.
+        biases = module.get("biases")
+        w = mx.dequantize(module.weight, module.scales.astype(mx.float32),
+                          None if biases is None else biases.astype(mx.float32),
                           group_size=module.group_size, bits=module.bits,
                           mode=getattr(module, "mode", "affine"), dtype=mx.float32)
         mx.eval(w)
