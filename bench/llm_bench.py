@@ -138,21 +138,28 @@ def worker_engine(args):
     res["decode"] = one(decode_prompt(0), args.tokens)
     res["short"] = one("Hello! How are you today?", 1)
     res["long"] = one(long_prompt(tok, args.prompt_tokens, "engine"), 1)
-    res["streams"] = {}
-    for n in args.streams:
+    res["streams"] = {str(n): aggregate(n, one, args.tokens) for n in args.streams}
+    return res
+
+
+def aggregate(n, one, tokens):
+    """Completion tok/s of n concurrent streams of `tokens` each (one(prompt, tokens)
+    runs one stream), after a short warm-up with n streams: the first batch of a new
+    size traces the engine's compiled step for that size (once per process)."""
+    def together(n_tokens, salt):
         out = [None] * n
-        t0 = time.perf_counter()
 
         def run(i):
-            out[i] = one(decode_prompt(i + 1 + 10 * n), args.tokens)
+            out[i] = one(decode_prompt(i + 1 + 10 * n + salt), n_tokens)
         ths = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        t0 = time.perf_counter()
         for t in ths:
             t.start()
         for t in ths:
             t.join()
-        wall = max(o["end"] for o in out) - t0
-        res["streams"][str(n)] = sum(o["completion_tokens"] for o in out) / wall
-    return res
+        return sum(o["completion_tokens"] for o in out) / (max(o["end"] for o in out) - t0)
+    together(4, 500)
+    return together(tokens, 0)
 
 
 def worker_llama(args):
@@ -227,18 +234,8 @@ def http_suite(port, model, args, tok, n_tokens, streams, salt, long=True):
     if long:
         res["long"] = sse_completion(port, model, long_prompt(tok, args.prompt_tokens, salt), 1)
     for n in streams:
-        out = [None] * n
-        t0 = time.perf_counter()
-
-        def run(i):
-            out[i] = sse_completion(port, model, decode_prompt(i + 1 + 10 * n), n_tokens)
-        ths = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-        for t in ths:
-            t.start()
-        for t in ths:
-            t.join()
-        wall = max(o["end"] for o in out) - t0
-        res["streams"][str(n)] = sum(o["completion_tokens"] for o in out) / wall
+        res["streams"][str(n)] = aggregate(
+            n, lambda prompt, k: sse_completion(port, model, prompt, k), n_tokens)
     return res
 
 

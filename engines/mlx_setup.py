@@ -28,23 +28,33 @@ shared/DESIGN.md section 5 and bench/llm_bench.py):
    (Metal/CUDA) quantized weights stay: that is their fast path.
 4. Threads: on a machine other processes keep busy, threads that meet at every
    split product wait for a descheduled partner; one thread measured faster there,
-   so configure() samples /proc/stat for 0.2 s and says what it chose.
-Outputs stay the same: float32 weights are the exact dequantized values; logits
-agree with the quantized model within float16 rounding (tests/test_mlx_setup.py).
+   so configure() samples /proc/stat for 0.2 s and says what it chose. The shim's
+   helper thread takes part only in products of 2..8 rows (batches): for one stream
+   it competed with the Python thread building the next step.
+5. MLX runs rms_norm, rope and attention on a CPU as their composed fallbacks, so a
+   decoded token was ~4,300 graph nodes at ~3 us each. engines/mlx_decode.py gives
+   llama/qwen2 models a decode step of ~1,300 (fused q|k|v and gate|up products,
+   rope's angles once per token, compiled elementwise work). Prompts keep mlx-lm's
+   forward pass.
+6. Float32 weights make decoding read 513 MB per token. The shim keeps a copy of
+   each decode matrix in its quantized form ("twin": 4/8-bit values with float32
+   scale and bias per group, 115 MB for SmolLM2) and computes products of 1..8 rows
+   from it, keyed by the float32 matrix's address (register_quantized); prompts
+   (more rows) still use OpenBLAS on the float32 copy. The 576x49152 8-bit head:
+   3.7 -> 1.1 ms at M=1 (bench/quant_bench.py). The twins are freed with the model
+   (release()).
+Outputs stay the same: float32 weights are scale*q + bias exactly, which is what
+the twins compute too; logits agree with mlx-lm's own forward pass within float32
+rounding (tests/test_mlx_decode.py, tests/test_shim_quant.py) and with the quantized
+model within float16 rounding (tests/test_mlx_setup.py).
 
-Result (bench/llm_bench.py, quiet machine): decode 9.6 -> 37 tok/s, 1000-token
-prefill 12.5 -> 271 tok/s. What is left: float32 weights are 538 MB read per token
-(MLX's CPU kernels for smaller types are slower still), and MLX runs ~900 graph
-nodes per token at ~10 us each (its scheduler, allocations, thread hand-offs; not
-Python: building the graph takes ~2 ms of a ~25 ms step, so mx.compile would buy
-little and cannot span the KV-cache updates). In prefill, MLX's x86 softmax uses a
-scalar exp (~35% of the time); chunks of 256 tokens keep the masked half small.
-No mx.compile, for those reasons.
-Batched decoding (engines/llm.py): one forward pass measured ~28 ms for 1 row,
-~40 ms for 4 and ~52 ms for 8 (quiet machine). The per-step graph cost is shared
-by the batch; what grows per row is the matmuls (the small-M kernel reads the
-layers' weights at ~18-24 GB/s per core at M=4, where sgemv reaches ~30 at M=1;
-a tree horizontal sum and 2-weight-row register blocking both measured slower).
+Result (engine in-process, greedy, quiet 2-core machine): decode 9.6 tok/s (mlx-lm)
+-> ~140 tok/s (a step of ~7 ms: ~3 ms of quantized products, the rest MLX's graph
+scheduling and Python building it), 1000-token prefill 12.5 -> ~260 tok/s (MLX's
+x86 softmax runs a scalar exp: ~35% of prefill). A batch of 4 takes ~14 ms a step
+and of 8 ~28 ms: what grows per row is arithmetic (the quantized products are
+bound by multiply-adds, 2 per weight per row) and attention's small products and
+softmax (MLX calls BLAS once per sequence and kv head).
 
 Switches (environment, or the same-named lower-case attribute on the config):
     LOCALAI_MLX_BLAS        auto (shim if a C compiler exists, else OpenBLAS) |
@@ -55,6 +65,7 @@ Switches (environment, or the same-named lower-case attribute on the config):
     LOCALAI_MLX_MEMORY_BUDGET  bytes the float32 copy may take ("512M", "4G", "0"
                             disables dequantizing)
     LOCALAI_MLX_DTYPE       auto | float32 | keep
+    LOCALAI_MLX_DECODE      auto | off (mlx_decode's step and the twins)
 """
 import ctypes
 import ctypes.util

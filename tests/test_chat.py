@@ -260,6 +260,12 @@ def test_keep_alive_load_and_unload(server):
     conn.request("GET", "/api/ps")
     ps = json.loads(conn.getresponse().read())
     assert [m["name"] for m in ps["models"]] == [MODEL]
+    # what the CPU engine chose for it, and why (issue 8): float32 weights, the fused
+    # decode step, every decode product from the quantized form
+    engine = ps["models"][0]["engine"]
+    assert engine["device"] == "cpu" and engine["dtype"] == "float32", engine
+    assert engine["decode"] == "fused" and engine["quantized_products"] == 30 * 4 + 1, engine
+    assert any("quantized form" in r for r in engine["reasons"]), engine
     status, _, data = post(server, "/api/generate", {"model": MODEL, "keep_alive": 0})
     assert status == 200 and json.loads(data)["done_reason"] == "unload"
     conn.request("GET", "/api/ps")
