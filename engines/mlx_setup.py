@@ -163,6 +163,54 @@ static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < VW; i++) s +
   }
 SMALL(1) SMALL(2) SMALL(3) SMALL(4)
 
+/* ---- kernel: C[m][n] = alpha * sum_k A[m][k] * B[k][n] (+ beta * C[m][n]) ----
+   B not transposed, a few rows of A: attention's probabilities times the values
+   (rows of A: a kv head's query heads; K: the positions; N: the head size), called
+   once per sequence and kv head of a decode step. OpenBLAS's sgemm packs B for it.
+   Each row of B is read once for up to 4 rows of A, 4*VW columns at a time. */
+static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
+                     const float *B, int ldb, float beta, float *C, int ldc) {
+  enum { NV = 4, NB = NV * VW };
+  for (int n0 = 0; n0 < N; n0 += NB) {
+    int nn = N - n0 < NB ? N - n0 : NB;
+    for (int m0 = 0; m0 < M; m0 += 4) {
+      int mm = M - m0 < 4 ? M - m0 : 4;
+      vf acc[4][NV];
+      float tail[4][NB];
+      for (int m = 0; m < 4; m++)
+        for (int i = 0; i < NV; i++) acc[m][i] = (vf){0};
+      if (nn == NB) {
+        for (int k = 0; k < K; k++) {
+          const float *b = B + (size_t)k * ldb + n0;
+          vf bv[NV];
+          for (int i = 0; i < NV; i++) bv[i] = ld(b + i * VW);
+          for (int m = 0; m < mm; m++) {
+            vf av = (vf){0} + A[(size_t)(m0 + m) * lda + k];
+            for (int i = 0; i < NV; i++) acc[m][i] += av * bv[i];
+          }
+        }
+        for (int m = 0; m < mm; m++)
+          for (int i = 0; i < NV; i++) __builtin_memcpy(tail[m] + i * VW, &acc[m][i], sizeof(vf));
+      } else {
+        for (int m = 0; m < mm; m++)
+          for (int j = 0; j < nn; j++) tail[m][j] = 0.f;
+        for (int k = 0; k < K; k++) {
+          const float *b = B + (size_t)k * ldb + n0;
+          for (int m = 0; m < mm; m++) {
+            float a = A[(size_t)(m0 + m) * lda + k];
+            for (int j = 0; j < nn; j++) tail[m][j] += a * b[j];
+          }
+        }
+      }
+      for (int m = 0; m < mm; m++) {
+        float *c = C + (size_t)(m0 + m) * ldc + n0;
+        for (int j = 0; j < nn; j++)
+          c[j] = beta == 0.f ? alpha * tail[m][j] : alpha * tail[m][j] + beta * c[j];
+      }
+    }
+  }
+}
+
 /* ---- quantized twins: a registered float32 weight matrix W (N x K, the B of
    x @ W^T) is read from its MLX affine-quantized form instead, w = scale*q + bias per
    group of gs values along K (0.6-1.25 bytes a weight instead of 4).
@@ -610,6 +658,12 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
       && ldc >= N) {
     atomic_fetch_add_explicit(&n_small, 1, memory_order_relaxed);
     small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL);
+    return;
+  }
+  if (order == RowMajor && ta == NoTrans && tb == NoTrans && M >= 2 && M <= small_max
+      && ldc >= N && (long)K * N <= (1L << 22)) {
+    atomic_fetch_add_explicit(&n_small, 1, memory_order_relaxed);
+    small_nn(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
   real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);

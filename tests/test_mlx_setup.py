@@ -43,7 +43,10 @@ for M, N, K in [(1, 1000, 576), (1, 37, 19), (2, 1001, 576), (3, 64, 17), (4, 15
     e2 = float(np.abs(np.array(A @ mx.contiguous(W.T)) - ref).max() / (np.abs(ref).max() + 1e-9))
     e3 = float(np.abs(np.array(mx.addmm(mx.ones((M, N)), A, W.T, alpha=0.5, beta=2.0))
                       - (0.5 * ref + 2.0)).max() / (np.abs(ref).max() + 1e-9))
-    errs.append(max(e1, e2, e3))
+    e4 = float(np.abs(np.array(mx.addmm(mx.ones((M, N)), A, mx.contiguous(W.T), alpha=0.5,
+                                        beta=2.0)) - (0.5 * ref + 2.0)).max()
+               / (np.abs(ref).max() + 1e-9))
+    errs.append(max(e1, e2, e3, e4))
 # Two threads on two MLX streams multiply at once: the shim's shared helper must
 # never mix their jobs.
 import threading
