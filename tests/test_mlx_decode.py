@@ -82,3 +82,74 @@ def test_fused_decode_step_gives_mlx_lm_logits():
         assert r["matrices"] == 2 * 4 + 1, r
         assert r["worst"] < 1e-5, r
     assert out["quantized"] == {"why": None, "class": "Model"}
+
+
+SMOLLM_CHECK = r"""
+import json, os, sys
+from pathlib import Path
+from engines import mlx_setup as ms
+ms.configure()
+import mlx.core as mx
+from mlx_lm.utils import load_model
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+from mlx_lm.models.cache import make_prompt_cache
+
+path = Path(sys.argv[1])
+tok = load_tokenizer(path)
+ids = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}],
+                              add_generation_prompt=True, tokenize=True)
+
+def greedy(model, n=20):
+    cache = make_prompt_cache(model)
+    y = model(mx.array([ids]), cache=cache)[0, -1].argmax()
+    out, logits = [], []
+    for _ in range(n):
+        out.append(y.item())
+        step = model(mx.array([[out[-1]]]), cache=cache)[0, -1]
+        logits.append(step)
+        y = step.argmax()
+    logits = mx.stack(logits)
+    mx.eval(logits)
+    return out, logits
+
+res = {}
+for mode in ("off", "auto"):
+    os.environ["LOCALAI_MLX_DECODE"] = mode
+    model, _ = load_model(path)
+    model = ms.prepare(model)
+    before = (ms.quantized_calls() or {}).get("calls", 0)
+    ids_out, logits = greedy(model)
+    d = ms.describe(model)
+    res[mode] = {"ids": ids_out, "logits": logits, "decode": d.get("decode"),
+                 "twins": d.get("quantized_products"), "class": type(model).__name__,
+                 "twin_calls": (ms.quantized_calls() or {}).get("calls", 0) - before}
+    if mode == "auto":
+        registered = (ms.quantized_calls() or {}).get("matrices")
+        ms.release(model)
+        res["released"] = [registered, (ms.quantized_calls() or {}).get("matrices")]
+diff = float(mx.abs(res["off"]["logits"] - res["auto"]["logits"]).max())
+scale = float(mx.abs(res["off"]["logits"]).max())
+for m in ("off", "auto"):
+    del res[m]["logits"]
+print(json.dumps({**res, "diff": diff, "scale": scale, "text": tok.decode(res["auto"]["ids"])}))
+"""
+
+
+def test_smollm_decodes_the_same_with_and_without_the_fast_path(models_dir, tmp_path):
+    """The embedded model: LOCALAI_MLX_DECODE=off leaves mlx-lm's forward pass and the
+    float32 products; the default installs the fused step, reads every decode product
+    from the quantized twins, and gives the same greedy tokens with logits within
+    float32 rounding; release() forgets the twins."""
+    from pathlib import Path
+    path = next(p for p in Path(models_dir).iterdir() if (p / "config.json").is_file())
+    out = run_py(SMOLLM_CHECK.replace("sys.argv[1]", repr(str(path))),
+                 env={"LOCALAI_CACHE_DIR": str(tmp_path)})
+    off, auto = out["off"], out["auto"]
+    assert off["decode"] is None and off["twins"] is None and off["class"] == "Model", off
+    assert off["twin_calls"] == 0
+    assert auto["decode"] == "fused" and auto["twins"] == 30 * 4 + 1, auto
+    assert auto["class"] == "FastModel"
+    assert auto["twin_calls"] >= 20 * (30 * 4 + 1), auto      # every decode product
+    assert auto["ids"] == off["ids"], out["text"]
+    assert out["diff"] <= 1e-4 * out["scale"], out
+    assert out["released"] == [30 * 4 + 1, 0], out
