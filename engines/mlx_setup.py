@@ -1287,8 +1287,18 @@ def release(model):
     """Before a prepared model is dropped: forget the shim's quantized twins of its
     matrices (their float32 buffers may then be freed and their addresses reused)."""
     from . import mlx_decode
-    if hasattr(sys.modules[__name__], "unregister"):
-        for w, _rows in mlx_decode.weights(model):
+    matrices = mlx_decode.weights(model)
+    if matrices and hasattr(sys.modules[__name__], "unregister"):
+        # A decode step evaluated asynchronously (mlx-lm pipelines the next token)
+        # may still be reading a twin: let MLX's streams finish first.
+        import mlx.core as mx
+        streams = [None]
+        gen = sys.modules.get("mlx_lm.generate")
+        if getattr(gen, "generation_stream", None) is not None:
+            streams.append(gen.generation_stream)
+        for st in streams:
+            mx.synchronize(st)
+        for w, _rows in matrices:
             unregister(w)
     _prepared.pop(id(model), None)
 
