@@ -7,21 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
-
-
-def run_py(code, env=None, timeout=300):
-    e = dict(os.environ)
-    e.update(env or {})
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e,
-                       capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+from tests.test_mlx_setup import OPENBLAS, run_py
 
 
 CHECK = r"""
