@@ -218,6 +218,10 @@ class _Step:
             return mx.fast.rms_norm(x, n, eps) @ w_t
 
         self.pre, self.post, self.final = mx.compile(pre), mx.compile(post), mx.compile(final)
+        # Attention's softmax with its exp compiled (native FMA, ~3x cheaper than
+        # MLX's Softmax on x86). Only the elementwise part: a shapeless compiled
+        # softmax with its reductions crashed MLX 0.32 once batches changed size.
+        self.exp_minus = mx.compile(lambda x, m: mx.exp(x - m), shapeless=True)
 
     def __call__(self, inputs, caches):
         import mlx.core as mx
@@ -242,7 +246,8 @@ class _Step:
             if mask is not None:
                 scores = (mx.where(mask, scores, mx.finfo(mx.float32).min)
                           if mask.dtype == mx.bool_ else scores + mask)
-            o = mx.softmax(scores, axis=-1, precise=True) @ v
+            e = self.exp_minus(scores, mx.max(scores, axis=-1, keepdims=True))
+            o = (e / mx.sum(e, axis=-1, keepdims=True)) @ v
             h = self.post(h, o.reshape(B, self.nh * self.hd), w["o_t"], w["n2"], w["gu_t"],
                           w["down_t"])
         return self.final(h, self.inner.norm.weight, self.head_t)[:, None, :]
