@@ -887,9 +887,10 @@ def _load_with_shim(lib, path):
     _state["blas"] = f"OpenBLAS ({path}) via localai shim"
     _state["shim"] = True
     _state["reasons"].append(
-        "system OpenBLAS preloaded; shim sends one-row products to sgemv and "
-        f"2..{SMALL_M}-row ones to a one-pass kernel (decode, batched decode)"
-        + (" with a helper thread" if helpers else ""))
+        "system OpenBLAS preloaded; shim computes 1..8-row products of a model's "
+        "registered matrices from their quantized twins, other one-row products with "
+        f"sgemv and 2..{SMALL_M}-row ones with its own kernels"
+        + (" (batches shared with a helper thread)" if helpers else ""))
     _describe_openblas()
 
 
