@@ -63,7 +63,8 @@ Switches (environment, or the same-named lower-case attribute on the config):
                             other processes already keep a CPU busy at start: on a
                             shared 2-core box one thread measured faster)
     LOCALAI_MLX_MEMORY_BUDGET  bytes the float32 copy may take ("512M", "4G", "0"
-                            disables dequantizing)
+                            disables dequantizing); the quantized twins (about the
+                            size of the model file) come on top
     LOCALAI_MLX_DTYPE       auto | float32 | keep
     LOCALAI_MLX_DECODE      auto | off (mlx_decode's step and the twins)
 """
