@@ -27,7 +27,7 @@ Models whose rope is "traditional" (GGUF imports: pairs of adjacent dims) get th
 rows of their q and k weights permuted so that rope rotates dims (i, i+half)
 instead: attention scores are sums over dims, so permuting q and k alike changes
 nothing, and both paths use the permuted weights. Logits agree with mlx-lm's
-forward pass within float32 rounding (tests/test_mlx_setup.py).
+forward pass within float32 rounding (tests/test_mlx_decode.py).
 
 Only llama and qwen2 models of the plain shape (nn.Linear, nn.RMSNorm, nn.RoPE
 over the whole head, full attention, no sliding window) are touched; anything else
@@ -185,11 +185,11 @@ class _Step:
     def __init__(self, fused, inner, head, rope, *, nh, nkv, hd, scale, eps, ffn):
         import mlx.core as mx
         import mlx.nn as nn
-        self.fused, self.inner, self.head, self.rope = fused, inner, head, rope
+        self.fused, self.inner, self.rope = fused, inner, rope
         self.head_t = head.T
         mx.eval(self.head_t)
-        self.nh, self.nkv, self.hd = nh, nkv, hd
-        self.rep = rep = nh // nkv
+        self.nh, self.hd = nh, hd
+        rep = nh // nkv
         half = hd // 2
         nq, nk = nh * hd, nkv * hd
         # rope of [1..1, 0..0] at a position is [cos | sin] of its angles: the

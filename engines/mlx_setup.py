@@ -1272,7 +1272,7 @@ def _fast_decode(model, twins, chosen):
         return
     chosen["reasons"].append(why)
     chosen["decode"] = "fused"
-    if not twins or not hasattr(sys.modules[__name__], "register_quantized"):
+    if not twins:
         return
     done = 0
     for w, rows in mlx_decode.weights(model):
@@ -1290,7 +1290,7 @@ def release(model):
     matrices (their float32 buffers may then be freed and their addresses reused)."""
     from . import mlx_decode
     matrices = mlx_decode.weights(model)
-    if matrices and hasattr(sys.modules[__name__], "unregister"):
+    if matrices:
         # A decode step evaluated asynchronously (mlx-lm pipelines the next token)
         # may still be reading a twin: let MLX's streams finish first.
         import mlx.core as mx

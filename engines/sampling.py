@@ -129,7 +129,7 @@ def sample_rows(samplers, logits):
     import mlx.core as mx
     groups = {}
     for i, s in enumerate(samplers):
-        k = "greedy" if s is _greedy else (s.top_k if 0 < s.top_k < logits.shape[-1] else 0)
+        k = "greedy" if is_greedy(s) else (s.top_k if 0 < s.top_k < logits.shape[-1] else 0)
         groups.setdefault(k, []).append(i)
     order, parts = [], []
     for k, rows in groups.items():
