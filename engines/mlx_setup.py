@@ -140,6 +140,20 @@ enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 typedef float vf __attribute__((vector_size(VW * 4)));
 static inline vf ld(const float *p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
 static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < VW; i++) s += v[i]; return s; }
+/* A tree sum (the scalar chain of hsum costs as much as a quarter of a row here). */
+#if (__GNUC__ >= 12 || defined(__clang__)) && VW == 16
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+static inline float hsum_q(vf v) {
+  vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+        + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
+  return b[0] + b[1];
+}
+#else
+#define hsum_q hsum
+#endif
 #define SMALL(MM)                                                                   \
   static void small_##MM(int N, int K, float alpha, const float *A, int lda,        \
                          const float *B, int ldb, float beta, float *C, int ldc) {  \
@@ -155,7 +169,7 @@ static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < VW; i++) s +
       }                                                                             \
       for (int m = 0; m < MM; m++) {                                                \
         const float *a = A + (size_t)m * lda;                                       \
-        float s = hsum(acc[m]);                                                     \
+        float s = hsum_q(acc[m]);                                                   \
         for (int k = KV; k < K; k++) s += a[k] * b[k];                              \
         float *c = C + (size_t)m * ldc + n;                                         \
         *c = beta == 0.f ? alpha * s : alpha * s + beta * *c;                       \
@@ -221,7 +235,8 @@ static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
    vectors. Rows 2i and 2i+1 alternate group by group (the kernel reads two
    rows as one stream); a lone last row follows. A group is dequantized once and used
    for all M rows of A. */
-#define QMAX_M 8
+#define QMAX_M 8      /* products of up to 8 rows of A take the twin, */
+#define QPASS 4       /* in passes of up to 4 (the block of B stays in L1/L2) */
 struct qmat { const float *key; int N, K, bits, gs; size_t gbytes, rbytes;
               unsigned char *data; struct qmat *next; };
 typedef unsigned char u8v __attribute__((vector_size(VW)));
@@ -244,20 +259,6 @@ static inline iv ldq(const unsigned char *p) {
 }
 #endif
 static inline vf cvt(iv u) { return __builtin_convertvector(u, vf); }
-/* A tree sum (the scalar chain of hsum costs as much as a quarter of a row here). */
-#if (__GNUC__ >= 12 || defined(__clang__)) && VW == 16
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-static inline float hsum_q(vf v) {
-  vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
-        + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
-  return b[0] + b[1];
-}
-#else
-#define hsum_q hsum
-#endif
 /* 4-bit with AVX-512: the group's 16 possible values, scale*j + bias, are computed
    once and each nibble picks its value with a permute (vpermps reads only an index's
    low 4 bits), instead of a conversion and an FMA per vector: the same values.
@@ -344,10 +345,11 @@ static const vf iota16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
         *c = beta == 0.f ? v : v + beta * *c;                                       \
       }                                                                             \
   } while (0)
-/* Output columns [n0, n1) for MM rows of A. Two weight rows at a time (one stream in
-   memory, see the layout) when MM <= 4: every load of A serves both, and one row of A
-   still gets 4 independent accumulator chains; more rows of A would not fit in the
-   registers. GS: the group size when known at compile time (32, the common one: no
+/* Output columns [n0, n1) for MM (<= 4) rows of A. Two weight rows at a time (one
+   stream in memory, see the layout): every load of A serves both, and one row of A
+   still gets 4 independent accumulator chains. More rows of A take another pass (a
+   kernel for 8 rows, one weight row at a time, was 1.5x slower than two passes).
+   GS: the group size when known at compile time (32, the common one: no
    loop inside a group), else 0. */
 #define QK(MM, BITS, GS)                                                            \
   static void qk##BITS##_##MM##_##GS(const struct qmat *q, int n0, int n1,          \
@@ -356,7 +358,7 @@ static const vf iota16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const int gs = GS ? GS : q->gs, G = q->K / gs;                                  \
     const size_t gb = q->gbytes;                                                    \
     for (int n = n0; n < n1;) {                                                     \
-      if (MM <= 4 && !(n & 1) && n + 1 < n1) {                                      \
+      if (!(n & 1) && n + 1 < n1) {                                                 \
         QROWS(MM, BITS, 2);                                                         \
         n += 2;                                                                     \
       } else {                                                                      \
@@ -365,14 +367,13 @@ static const vf iota16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
       }                                                                             \
     }                                                                               \
   }
-#define QK8(BITS, GS) QK(1, BITS, GS) QK(2, BITS, GS) QK(3, BITS, GS) QK(4, BITS, GS) \
-                      QK(5, BITS, GS) QK(6, BITS, GS) QK(7, BITS, GS) QK(8, BITS, GS)
-QK8(4, 32) QK8(8, 32) QK8(4, 0) QK8(8, 0)
+#define QK4(BITS, GS) QK(1, BITS, GS) QK(2, BITS, GS) QK(3, BITS, GS) QK(4, BITS, GS)
+QK4(4, 32) QK4(8, 32) QK4(4, 0) QK4(8, 0)
 typedef void (*qk_t)(const struct qmat *, int, int, float, const float *, int, float,
                      float *, int);
 #define QK_ROW(BITS, GS) {qk##BITS##_1_##GS, qk##BITS##_2_##GS, qk##BITS##_3_##GS, \
-  qk##BITS##_4_##GS, qk##BITS##_5_##GS, qk##BITS##_6_##GS, qk##BITS##_7_##GS, qk##BITS##_8_##GS}
-static const qk_t qkernels[2][2][QMAX_M] = {            /* [gs == 32][bits == 8][M - 1] */
+  qk##BITS##_4_##GS}
+static const qk_t qkernels[2][2][QPASS] = {            /* [gs == 32][bits == 8][M - 1] */
   {QK_ROW(4, 0), QK_ROW(8, 0)}, {QK_ROW(4, 32), QK_ROW(8, 32)}};
 
 /* The registry: key = B's data pointer (Python keeps that buffer alive while it is
@@ -477,8 +478,12 @@ static struct job J;
    block of B stays in L2 between passes). */
 static void run_rows(const struct job *j, int n0, int n1) {
   if (j->q) {                        /* a quantized twin: all M rows in one pass */
-    qkernels[j->q->gs == 32][j->q->bits == 8][j->M - 1](j->q, n0, n1, j->alpha, j->A,
-                                                         j->lda, j->beta, j->C, j->ldc);
+    const qk_t *k = qkernels[j->q->gs == 32][j->q->bits == 8];
+    for (int m0 = 0; m0 < j->M; m0 += QPASS) {
+      int mm = j->M - m0 < QPASS ? j->M - m0 : QPASS;
+      k[mm - 1](j->q, n0, n1, j->alpha, j->A + (size_t)m0 * j->lda, j->lda, j->beta,
+                j->C + (size_t)m0 * j->ldc, j->ldc);
+    }
     return;
   }
   for (int m0 = 0; m0 < j->M; m0 += 4) {
