@@ -36,6 +36,13 @@ keeps mlx-lm's forward pass.
 import numpy as np
 
 SUPPORTED = ("llama", "qwen2")
+# Hand the step to MLX's stream thread every this many layers while the rest is
+# still being built. MLX lets the building thread run at most ~100 ops ahead of
+# the stream, so one evaluation of the whole step would return only near its end,
+# and the stream would sit idle while Python builds the next token's step and the
+# engine hands out this one (~1-2 ms a token). Built and handed over in pieces, the
+# building overlaps the computing.
+ENCODE_LAYERS = 2
 _classes = {}          # mlx-lm model class -> its fast subclass
 
 
@@ -239,7 +246,7 @@ class _Step:
         cs = cs.reshape(n, 1, self.hd)
         half = self.hd // 2
         c, s = cs[..., :half], cs[..., half:]
-        for w, cache in zip(self.fused, caches):
+        for i, (w, cache) in enumerate(zip(self.fused, caches)):
             q, k, v = self.pre(h, w["n1"], w["qkv_t"], c, s, *w["extra"])
             k, v = cache.update_and_fetch(k, v)
             scores = q @ k.swapaxes(-1, -2)                  # B, nkv, rep, S
@@ -250,6 +257,8 @@ class _Step:
             o = (e / mx.sum(e, axis=-1, keepdims=True)) @ v
             h = self.post(h, o.reshape(B, self.nh * self.hd), w["o_t"], w["n2"], w["gu_t"],
                           w["down_t"])
+            if i % ENCODE_LAYERS == ENCODE_LAYERS - 1:
+                mx.async_eval(h)
         return self.final(h, self.inner.norm.weight, self.head_t)[:, None, :]
 
 
