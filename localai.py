@@ -2487,6 +2487,21 @@ async def serve(config):
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
+def use_fast_malloc():
+    """Restart this server once with jemalloc as its malloc, when it is installed
+    (engines/mlx_setup.allocator_env says why; LOCALAI_MALLOC=system keeps glibc's).
+    Same process id, arguments and environment otherwise."""
+    from engines import mlx_setup
+    env = mlx_setup.allocator_env()
+    if env is None:
+        return
+    args = getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv
+    try:
+        os.execve(sys.executable, [sys.executable] + args[1:], env)
+    except OSError as exc:                    # keep running on the system malloc
+        log.warning("could not restart with jemalloc: %s", exc)
+
+
 def main(argv=None):
     parser = build_parser()
     config = parser.parse_args(argv)
@@ -2498,6 +2513,8 @@ def main(argv=None):
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(level=getattr(logging, config.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv is None and not config.command:
+        use_fast_malloc()
     commands = {"import": cmd_import, "pull": cmd_pull, "list": cmd_list, "pull-speech": cmd_pull_speech}
     if config.command:
         try:

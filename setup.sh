@@ -15,10 +15,12 @@ sudo=""
 # libopenblas0-pthread: a fast BLAS that the MLX engine loads on Linux CPUs;
 # gcc: compiles the small BLAS shim (engines/mlx_setup.py) that speeds up decoding;
 # g++: MLX compiles the fused kernels of mx.compile with it on Linux CPUs (without it
-# engines/mlx_decode.py's step runs unfused: same numbers, slower).
+# engines/mlx_decode.py's step runs unfused: same numbers, slower);
+# libjemalloc2: the server's malloc (engines/mlx_setup.allocator_env says why).
 $sudo apt-get update -q
 $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    python3 python3-venv python3-pip espeak-ng ffmpeg libopenblas0-pthread gcc g++ libc6-dev
+    python3 python3-venv python3-pip espeak-ng ffmpeg libopenblas0-pthread gcc g++ libc6-dev \
+    libjemalloc2
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

@@ -328,6 +328,10 @@ def spawn_worker(kind, args):
            "--prompt-tokens", str(args.prompt_tokens),
            "--streams", ",".join(map(str, args.streams))]
     env = dict(os.environ, HF_HUB_OFFLINE="1", LOCALAI_STATE_DIR=tempfile.mkdtemp())
+    if kind.startswith("ours"):
+        # the malloc localai.py restarts itself with (the references keep the system's)
+        from engines import mlx_setup
+        env = mlx_setup.allocator_env(env) or env
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     for line in r.stdout.splitlines():
         if line.startswith(RESULT):

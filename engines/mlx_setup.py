@@ -67,6 +67,8 @@ Switches (environment, or the same-named lower-case attribute on the config):
                             size of the model file) come on top
     LOCALAI_MLX_DTYPE       auto | float32 | keep
     LOCALAI_MLX_DECODE      auto | off (mlx_decode's step and the twins)
+    LOCALAI_MALLOC          auto (jemalloc when installed; localai.py restarts itself
+                            once with it preloaded) | system
 """
 import ctypes
 import ctypes.util
@@ -91,6 +93,13 @@ OPENBLAS_CANDIDATES = (
     "/usr/lib64/libopenblasp.so.0",
     "/usr/lib64/libopenblas.so.0",
     "/usr/lib/libopenblas.so.0",
+)
+# jemalloc, where Debian/Ubuntu/Fedora put it (libjemalloc2); see allocator_env().
+JEMALLOC_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
 )
 # Largest batch (rows) the shim's small-M kernel takes (MAX_BATCH of the llm engine
 # is 8). It runs passes of 4 rows over L2-sized blocks of a weight matrix: the
@@ -734,6 +743,40 @@ def _mb(n):
     return f"{n / (1 << 20):.0f} MB"
 
 
+# --- the process's malloc ----------------------------------------------------------------
+def allocator_env(environ=None):
+    """The environment to restart this process with so that jemalloc is its malloc, or
+    None (not Linux, not installed, already preloaded, LOCALAI_MALLOC=system, or a
+    restart already tried).
+
+    Why: for every op (~1,400 a decoded token) MLX's Python-side thread allocates the
+    task and MLX's stream thread frees it. glibc's malloc locks an arena for such
+    frees, and the two threads put each other to sleep on that lock ~450 times a
+    token (futex calls per token halved with jemalloc; decode ~8-10% faster, batches
+    too; measured with mimalloc and tcmalloc alike). A malloc must be in the process
+    from its first instruction, so localai.py restarts itself once with LD_PRELOAD."""
+    env = dict(os.environ if environ is None else environ)
+    if (sys.platform != "linux" or env.get("LOCALAI_MALLOC_RESTARTED")
+            or str(env.get("LOCALAI_MALLOC", "auto")).lower() in ("system", "off", "0", "no")
+            or "jemalloc" in env.get("LD_PRELOAD", "")):
+        return None
+    path = next((p for p in JEMALLOC_CANDIDATES if os.path.exists(p)), None)
+    if path is None:
+        return None
+    env["LD_PRELOAD"] = " ".join(x for x in (path, env.get("LD_PRELOAD", "")) if x)
+    env["LOCALAI_MALLOC_RESTARTED"] = "1"
+    return env
+
+
+def _malloc_in_use():
+    """'jemalloc' if it is this process's malloc, else 'system'."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "jemalloc" if "libjemalloc" in f.read() else "system"
+    except OSError:
+        return "system"
+
+
 # --- configure: BLAS before mlx is imported ---------------------------------------------
 def configure(config=None):
     """Choose and load the BLAS MLX will call. Call before the first `import mlx`;
@@ -761,6 +804,12 @@ def _configure(config):
     if sys.platform != "linux":
         reasons.append(f"{sys.platform}: MLX's own BLAS (Accelerate on macOS) is used")
         return
+    _state["malloc"] = _malloc_in_use()
+    reasons.append("malloc: jemalloc, preloaded at start (MLX's stream thread frees what "
+                   "the Python thread allocates; glibc's arena lock made them wait)"
+                   if _state["malloc"] == "jemalloc" else
+                   "malloc: the system's (jemalloc frees across threads faster: Debian "
+                   "libjemalloc2, used when localai.py starts)")
     if "mlx.core" in sys.modules:
         reasons.append("mlx was imported before configure(): its BLAS is already bound")
         return

@@ -224,3 +224,34 @@ def test_shim_cache_must_be_private(tmp_path):
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "mine")
     assert not _private(link)
+
+
+def test_allocator_env():
+    from engines import mlx_setup as ms
+    lib = next((p for p in ms.JEMALLOC_CANDIDATES if os.path.exists(p)), None)
+    if lib is None:
+        pytest.skip("libjemalloc2 is not installed")
+    env = ms.allocator_env({"PATH": "/bin", "LD_PRELOAD": "/x/libother.so"})
+    assert env["LD_PRELOAD"] == lib + " /x/libother.so" and env["PATH"] == "/bin"
+    # once: never a second restart, nor against the operator's choice or preload
+    for given in ({"LOCALAI_MALLOC_RESTARTED": "1"}, {"LOCALAI_MALLOC": "system"},
+                  {"LD_PRELOAD": "/opt/libjemalloc.so"}):
+        assert ms.allocator_env(given) is None, given
+
+
+def test_server_restarts_itself_on_jemalloc(start_server):
+    """The server's own process (same pid: it execs itself) has jemalloc as its malloc
+    and says so; LOCALAI_MALLOC=system keeps the system's. Both serve."""
+    from engines import mlx_setup as ms
+    if not any(os.path.exists(p) for p in ms.JEMALLOC_CANDIDATES):
+        pytest.skip("libjemalloc2 is not installed")
+    import http.client
+    for env, want in (({"LD_PRELOAD": ""}, True),
+                      ({"LD_PRELOAD": "", "LOCALAI_MALLOC": "system"}, False)):
+        server = start_server(env=env)
+        maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+        assert ("libjemalloc" in maps) is want, env
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", "/api/version")
+        assert conn.getresponse().status == 200
+        server.stop()
