@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,3 +256,39 @@ def test_server_restarts_itself_on_jemalloc(start_server):
         conn.request("GET", "/api/version")
         assert conn.getresponse().status == 200
         server.stop()
+
+
+KERNELS = r"""
+import json, sys, numpy as np
+from engines import mlx_setup
+mlx_setup.configure()
+import mlx.core as mx, mlx.nn as nn
+rng = np.random.default_rng(0)
+g = mx.array(rng.standard_normal((4, 3072)).astype(np.float32) * 6)
+s = mx.array(rng.standard_normal((4, 3, 3, 100)).astype(np.float32) * 30)
+silu = mx.compile(lambda g, u: nn.silu(g) * u)
+exp_minus = mx.compile(lambda x, m: mx.exp(x - m), shapeless=True)
+gelu = mx.compile(nn.gelu)
+outs = [silu(g[:, :1536], g[:, 1536:]), silu(g[:, 1536:] * 1, g[:, :1536] * 1),
+        exp_minus(s, mx.max(s, axis=-1, keepdims=True)), gelu(g)]
+np.save(sys.argv[1], np.concatenate([np.array(o).ravel() for o in outs]))
+print(json.dumps({"reasons": mlx_setup.describe()["reasons"]}))
+"""
+
+
+def test_jit_flags_change_no_value(tmp_path):
+    """mx.compile's kernels built through our g++ wrapper (-march=native, inlined and
+    vectorized exp) give the same bits as MLX's own build of them (no wrapper: the
+    BLAS setup off). Separate temp directories: MLX caches kernels by name."""
+    outs = {}
+    plain_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                 if "jit-bin" not in p)
+    for name, env in (("ours", {}), ("mlx", {"LOCALAI_MLX_BLAS": "off", "PATH": plain_path})):
+        tmp = tmp_path / name
+        tmp.mkdir()
+        out = tmp / "out.npy"
+        res = run_py(KERNELS.replace("sys.argv[1]", repr(str(out))), env={"TMPDIR": str(tmp), **env})
+        outs[name] = (np.load(out), res["reasons"])
+    assert any("vectorized exp" in r for r in outs["ours"][1])
+    assert not any("vectorized exp" in r for r in outs["mlx"][1])
+    assert outs["ours"][0].tobytes() == outs["mlx"][0].tobytes()
