@@ -363,7 +363,7 @@ class Job:
 
     def __init__(self, req, kind, cancel):
         self.req, self.kind, self.cancel = req, kind, cancel   # kind: generate|load|unload
-        self.out = queue.Queue()
+        self.out = queue.SimpleQueue()
         self.closed = threading.Event()
         self.load_seconds = 0.0
 
