@@ -51,11 +51,11 @@ the twins compute too; logits agree with mlx-lm's own forward pass within float3
 rounding (tests/test_mlx_decode.py, tests/test_shim_quant.py) and with the quantized
 model within float16 rounding (tests/test_mlx_setup.py).
 
-Result (engine in-process, greedy, quiet 2-core machine): decode 10 tok/s (mlx-lm)
--> ~165 tok/s (a step of ~6 ms: ~4.4 ms of CPU in quantized products, the rest
-MLX's graph scheduling and Python building it), 1000-token prefill 12.8 -> ~330
-tok/s (MLX's x86 softmax runs a scalar exp). A batch of 4 takes ~10-11 ms a step
-and of 8 ~17 ms: what grows per row is arithmetic (the quantized products are
+Result (engine in-process, greedy, quiet 2-core machine): decode ~10 tok/s (mlx-lm)
+-> ~175 tok/s (a step of ~5.3 ms: ~3.9 ms of quantized products, bound by memory
+bandwidth, the rest MLX's graph scheduling), 1000-token prefill 12.5 -> ~330
+tok/s (MLX's x86 softmax runs a scalar exp). A batch of 4 takes ~9-10 ms a step
+and of 8 ~15 ms: what grows per row is arithmetic (the quantized products are
 bound by multiply-adds, ~63% of AVX-512 peak at 4 rows) and attention's small
 products and softmax (MLX calls BLAS once per sequence and kv head).
 
