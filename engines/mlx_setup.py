@@ -171,6 +171,22 @@ static inline float hsum_q(vf v) {
 #define SMALL(MM)                                                                   \
   static void small_##MM(int N, int K, float alpha, const float *A, int lda,        \
                          const float *B, int ldb, float beta, float *C, int ldc) {  \
+    if (VW == 16 && K == 64) {     /* attention's scores, q @ K^T: A in registers */ \
+      vf a[MM][4];                                                                  \
+      for (int m = 0; m < MM; m++)                                                  \
+        for (int j = 0; j < 4; j++) a[m][j] = ld(A + (size_t)m * lda + 16 * j);    \
+      for (int n = 0; n < N; n++) {                                                 \
+        const float *b = B + (size_t)n * ldb;                                       \
+        vf b0 = ld(b), b1 = ld(b + 16), b2 = ld(b + 32), b3 = ld(b + 48);           \
+        for (int m = 0; m < MM; m++) {                                              \
+          float v = alpha * hsum_q(a[m][0] * b0 + a[m][1] * b1                      \
+                                   + (a[m][2] * b2 + a[m][3] * b3));                \
+          float *c = C + (size_t)m * ldc + n;                                       \
+          *c = beta == 0.f ? v : v + beta * *c;                                     \
+        }                                                                           \
+      }                                                                             \
+      return;                                                                       \
+    }                                                                               \
     int KV = K - K % VW;                                                            \
     for (int n = 0; n < N; n++) {                                                   \
       const float *b = B + (size_t)n * ldb;                                         \

@@ -35,6 +35,7 @@ c0 = ms.blas_calls()
 # (single-pass kernel, K not a multiple of the vector width, odd N), more rows (sgemm).
 for M, N, K in [(1, 1000, 576), (1, 37, 19), (2, 1001, 576), (3, 64, 17), (4, 1536, 577),
                 (4, 5, 1), (5, 300, 64), (8, 49, 576), (6, 3001, 100),
+                (2, 50, 64), (3, 100, 64), (4, 129, 64),      # attention's scores (K 64)
                 (8, 2049, 576), (9, 700, 576), (64, 96, 200)]:
     a = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
