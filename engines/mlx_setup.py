@@ -118,7 +118,7 @@ BUSY_SAMPLE_SECONDS = 0.2
 # RAM, so the copy never crowds out the KV caches, other models, or the desktop.
 DEFAULT_BUDGET_FRACTION = 0.25
 # Added to MLX's JIT compile of mx.compile's CPU kernels (see _native_jit).
-JIT_FLAGS = "-march=native -fno-trapping-math -finline-limit=600"
+JIT_FLAGS = "-march=native -ffp-contract=off -fno-trapping-math -fno-math-errno -finline-limit=600"
 # Seconds the one-off compile of the shim may take before we give up on it.
 COMPILE_TIMEOUT = 60
 # The verification gemm: big enough that netlib (~100 ms) and OpenBLAS (~2 ms)
@@ -882,9 +882,12 @@ def _native_jit():
     A private `g++` first on PATH adds JIT_FLAGS (kernels are built and cached on
     this machine only, in MLX's temp directory): -march=native (a batch-of-4 step
     ~2 ms faster); -finline-limit and -fno-trapping-math let GCC inline MLX's exp
-    and vectorize the loop around it (its selects may then run unconditionally;
-    no value changes, tests/test_mlx_setup.py checks the bits): SiLU of 4 x 1536
-    45.6 -> 13.9 us, a batch-of-4 step ~1 ms faster."""
+    and vectorize the loop around it (its selects may then run unconditionally),
+    -fno-math-errno the rms_norm loop around sqrt (which no longer sets errno), and
+    -ffp-contract=off keeps a*b+c two roundings as in MLX's own build (with
+    -march=native GCC fused them: rms_norm differed in the last bit). The same bits
+    as MLX's build (tests/test_mlx_setup.py checks): SiLU of 4 x 1536 45.6 -> 13.9 us,
+    a batch-of-4 step ~1.5 ms faster."""
     d = _cache_dir() / "jit-bin"
     # PATH without our wrapper (a child process inherits it from its parent)
     path = [x for x in os.environ.get("PATH", "").split(os.pathsep) if x and Path(x) != d]

@@ -270,8 +270,10 @@ s = mx.array(rng.standard_normal((4, 3, 3, 100)).astype(np.float32) * 30)
 silu = mx.compile(lambda g, u: nn.silu(g) * u)
 exp_minus = mx.compile(lambda x, m: mx.exp(x - m), shapeless=True)
 gelu = mx.compile(nn.gelu)
+norm = mx.compile(lambda x, w: mx.fast.rms_norm(x, w, 1e-5))
 outs = [silu(g[:, :1536], g[:, 1536:]), silu(g[:, 1536:] * 1, g[:, :1536] * 1),
-        exp_minus(s, mx.max(s, axis=-1, keepdims=True)), gelu(g)]
+        exp_minus(s, mx.max(s, axis=-1, keepdims=True)), gelu(g),
+        norm(g, g[0] * 0.1), norm(g[:, :576], g[1, :576])]
 np.save(sys.argv[1], np.concatenate([np.array(o).ravel() for o in outs]))
 print(json.dumps({"reasons": mlx_setup.describe()["reasons"]}))
 """
@@ -279,7 +281,7 @@ print(json.dumps({"reasons": mlx_setup.describe()["reasons"]}))
 
 def test_jit_flags_change_no_value(tmp_path):
     """mx.compile's kernels built through our g++ wrapper (-march=native, inlined and
-    vectorized exp) give the same bits as MLX's own build of them (no wrapper: the
+    vectorized exp and sqrt) give the same bits as MLX's own build of them (no wrapper: the
     BLAS setup off). Separate temp directories: MLX caches kernels by name."""
     outs = {}
     plain_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
