@@ -788,12 +788,17 @@ def allocator_env(environ=None):
             or str(env.get("LOCALAI_MALLOC", "auto")).lower() in ("system", "off", "0", "no")
             or "jemalloc" in env.get("LD_PRELOAD", "")):
         return None
-    path = next((p for p in JEMALLOC_CANDIDATES if os.path.exists(p)), None)
+    path = find_jemalloc()
     if path is None:
         return None
     env["LD_PRELOAD"] = " ".join(x for x in (path, env.get("LD_PRELOAD", "")) if x)
     env["LOCALAI_MALLOC_RESTARTED"] = "1"
     return env
+
+
+def find_jemalloc():
+    """The installed jemalloc library's path, or None."""
+    return next((p for p in JEMALLOC_CANDIDATES if os.path.exists(p)), None)
 
 
 def _malloc_in_use():

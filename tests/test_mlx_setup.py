@@ -230,7 +230,7 @@ def test_shim_cache_must_be_private(tmp_path):
 
 def test_allocator_env():
     from engines import mlx_setup as ms
-    lib = next((p for p in ms.JEMALLOC_CANDIDATES if os.path.exists(p)), None)
+    lib = ms.find_jemalloc()
     if lib is None:
         pytest.skip("libjemalloc2 is not installed")
     env = ms.allocator_env({"PATH": "/bin", "LD_PRELOAD": "/x/libother.so"})
@@ -245,7 +245,7 @@ def test_server_restarts_itself_on_jemalloc(start_server):
     """The server's own process (same pid: it execs itself) has jemalloc as its malloc
     and says so; LOCALAI_MALLOC=system keeps the system's. Both serve."""
     from engines import mlx_setup as ms
-    if not any(os.path.exists(p) for p in ms.JEMALLOC_CANDIDATES):
+    if ms.find_jemalloc() is None:
         pytest.skip("libjemalloc2 is not installed")
     import http.client
     for env, want in (({"LD_PRELOAD": ""}, True),
