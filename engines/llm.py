@@ -66,7 +66,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import BadInput, Busy, EngineError, Unavailable
+from . import BadInput, Busy, EngineError, Unavailable, mlx_setup
 from .sampling import StopFilter, make_sampler, sample_rows
 
 log = logging.getLogger("localai.llm")
@@ -170,14 +170,6 @@ _setup_lock = threading.Lock()
 _setup_done = False
 
 
-def _mlx_setup_module():
-    try:
-        from . import mlx_setup
-        return mlx_setup
-    except ImportError:
-        return None
-
-
 def ensure_mlx():
     """Run mlx_setup.configure() before the first import of mlx, then import mlx-lm.
     (vlm calls it before importing mlx-vlm.)"""
@@ -185,9 +177,7 @@ def ensure_mlx():
     with _setup_lock:
         if _setup_done:
             return
-        ms = _mlx_setup_module()
-        if ms is not None and hasattr(ms, "configure"):
-            ms.configure()
+        mlx_setup.configure()
         try:
             import mlx.core  # noqa: F401
             import mlx_lm.generate  # noqa: F401
@@ -199,24 +189,16 @@ def ensure_mlx():
 def prepare_model(model, info):
     """(model, setup_info): a freshly loaded model with the project's choices for
     this device applied by mlx_setup.prepare (dtype, compile), and mlx_setup's
-    description of them for /api/ps. Both engines load through it."""
-    setup_info = {}
-    ms = _mlx_setup_module()
-    if ms is not None and hasattr(ms, "prepare"):
-        model = ms.prepare(model, info)
-        if hasattr(ms, "describe"):
-            try:
-                setup_info = dict(ms.describe(model) or {})
-            except TypeError:
-                setup_info = dict(ms.describe() or {})
-    return model, setup_info
+    description of them for /api/ps. Both engines load through it; release_model
+    undoes it."""
+    model = mlx_setup.prepare(model, info)
+    return model, dict(mlx_setup.describe(model))
 
 
 def release_model(model):
     """Undo what prepare_model set up outside the model (mlx_setup.release)."""
-    ms = _mlx_setup_module()
-    if model is not None and ms is not None and hasattr(ms, "release"):
-        ms.release(model)
+    if model is not None:
+        mlx_setup.release(model)
 
 
 def free_mlx_memory():

@@ -53,7 +53,8 @@ from . import images as _images
 from . import llm as _llm
 from .llm import Chunk, GenRequest  # noqa: F401  (re-exported for callers)
 from .llm import (Job, Resident, check_request, done_chunk, ensure_mlx,
-                  free_mlx_memory, load_error, next_expiry, prepare_model, short_error)
+                  free_mlx_memory, load_error, next_expiry, prepare_model, release_model,
+                  short_error)
 from .sampling import StopFilter, make_sampler
 
 # Jobs waiting behind the one being decoded; past this, Busy (503 + Retry-After).
@@ -236,6 +237,7 @@ class _Worker:
     def _unload(self, mid):
         m = self.models.pop(mid, None)
         if m is not None:
+            release_model(m.model)
             m.model = m.processor = None
             free_mlx_memory()
 
