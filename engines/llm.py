@@ -150,6 +150,11 @@ MAX_LOADED = max(1, _env_int("LOCALAI_LLM_MAX_LOADED", 2))
 # Prompt tokens processed per scheduler step: small enough that a long prompt
 # does not freeze other users' decoding or delay cancellation for long on a CPU.
 PREFILL_STEP = 256
+# Seconds an idle engine waits, before it starts a new batch, for requests that
+# have arrived but are still being tokenized: requests that come together are
+# prefilled together (one pass over the weights for all their prompt rows, no
+# later merge of batches). A lone request never waits.
+ADMIT_WINDOW = 0.01
 # Prompt-prefix cache per model: sequences kept, and their total KV bytes.
 PROMPT_CACHE_ENTRIES = 16
 PROMPT_CACHE_BYTES = 1 << 30
@@ -413,6 +418,19 @@ def generate(req: GenRequest, cancel=None):
     before the iterator is returned, so a caller sees BadInput/Busy before it
     starts a response."""
     check_request(req)
+    sched = _scheduler()
+    sched.arrive()
+    try:
+        job = _prepare(req, cancel)
+    except BaseException:
+        sched.arrive(-1)
+        raise
+    sched.submit(job, arrived=True)
+    return _Stream(job)
+
+
+def _prepare(req, cancel):
+    """The job for req: its prompt tokenized and checked against the context."""
     info = req.model
     tok = _tokenizer(info)
     job = _Job(req, cancel=cancel)
@@ -431,8 +449,7 @@ def generate(req: GenRequest, cancel=None):
                        f"the model's context length of {ctx} tokens", param=param)
     job.max_tokens = min(req.max_tokens, ctx - len(job.prompt))
     job.eos = set(tok.eos_token_ids or ())
-    _scheduler().submit(job)
-    return _Stream(job)
+    return job
 
 
 class _Stream:
@@ -504,7 +521,7 @@ def _zero_counters():
     return {"requests": 0, "tokens_generated": 0, "prompt_tokens_computed": 0,
             "cached_tokens": 0, "cancelled": 0, "cancelled_in_queue": 0,
             "busy_rejections": 0, "load_failures": 0, "engine_failures": 0,
-            "peak_batch": 0}
+            "peak_batch": 0, "peak_admitted": 0}
 
 
 # ---------------------------------------------------------------------------
@@ -610,6 +627,7 @@ class _Scheduler:
     def __init__(self):
         self.cv = threading.Condition()
         self.pending = deque()     # jobs not yet admitted (FIFO)
+        self.n_arriving = 0        # generate() calls still preparing their job
         self.models = {}           # model id -> _Loaded
         self.counters = _zero_counters()
         self.last_load_error = None
@@ -629,8 +647,10 @@ class _Scheduler:
             self.thread.join(timeout)
 
     # -- called from other threads ------------------------------------------
-    def submit(self, job, control=False):
+    def submit(self, job, control=False, arrived=False):
         with self.cv:
+            if arrived:
+                self.n_arriving -= 1
             waiting = sum(1 for j in self.pending if not j.cancelled())
             active = sum(len(m.jobs) for m in self.models.values())
             if not control and waiting + active >= MAX_BATCH + MAX_QUEUE:
@@ -644,6 +664,13 @@ class _Scheduler:
     def wake(self):
         with self.cv:
             self.cv.notify()
+
+    def arrive(self, n=1):
+        """A request starts (1) or gave up (-1) preparing its job (ADMIT_WINDOW)."""
+        with self.cv:
+            self.n_arriving += n
+            if n < 0:
+                self.cv.notify()
 
     def snapshot(self):
         with self.cv:
@@ -665,6 +692,9 @@ class _Scheduler:
             admit = []
             try:
                 admit = self._wait_for_work()
+                n = sum(1 for job in admit if job.kind == "generate")
+                if n > self.counters["peak_admitted"]:
+                    self.counters["peak_admitted"] = n     # prefilled together
                 for job in admit:
                     self._admit(job)
                 busy = [m for m in self.models.values() if m.jobs]
@@ -708,6 +738,14 @@ class _Scheduler:
                 if self._expired():
                     break
                 self.cv.wait(timeout=self._next_expiry())
+            if not active and self.pending:
+                # a new batch: let requests that are still arriving join it
+                deadline = time.perf_counter() + ADMIT_WINDOW
+                while self.n_arriving and not self.stopping:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self.cv.wait(timeout=left)
             admit = []
             while self.pending and (active < MAX_BATCH
                                     or self.pending[0].kind != "generate"):

@@ -291,6 +291,41 @@ def test_concurrent_requests_share_one_batch(models_dir):
     assert out[0][0] == alone_seeded[0]
 
 
+def test_requests_arriving_together_are_prefilled_together(models_dir, monkeypatch):
+    """In-process: a request that is still being tokenized when another one reaches
+    an idle engine joins its batch (both are admitted at once and prefilled in one
+    pass), and each still gets the answer it gets alone."""
+    import threading
+    import time
+    from engines import llm
+    from engines.catalog import Catalog
+    info = Catalog(models_dir).resolve(MODEL)
+
+    def req(prompt):
+        return llm.GenRequest(model=info, prompt=prompt, max_tokens=8, temperature=0)
+
+    def answer(prompt):
+        return "".join(c.text for c in llm.generate(req(prompt)))
+    alone = {p: answer(p) for p in ("The capital of France is", "1, 2, 3, 4,")}
+    real_prepare = llm._prepare
+
+    def slow_prepare(r, cancel):          # a long prompt: tokenizing takes a while
+        if r.prompt.startswith("1,"):
+            time.sleep(0.004)
+        return real_prepare(r, cancel)
+    monkeypatch.setattr(llm, "_prepare", slow_prepare)
+    before = llm.stats()["peak_admitted"]
+    llm._SCHED.counters["peak_admitted"] = 0
+    out = {}
+    slow = threading.Thread(target=lambda: out.update(slow=answer("1, 2, 3, 4,")))
+    slow.start()
+    time.sleep(0.001)                     # the slow one is tokenizing when the other arrives
+    out["quick"] = answer("The capital of France is")
+    slow.join()
+    assert llm.stats()["peak_admitted"] == 2, before
+    assert out == {"quick": alone["The capital of France is"], "slow": alone["1, 2, 3, 4,"]}
+
+
 def test_api_chat_without_model_uses_configured_then_first_installed(server, start_server, store):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     # no --model: the first installed model ('broken-model' sorts first) is tried
