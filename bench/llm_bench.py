@@ -148,13 +148,16 @@ def aggregate(n, one, tokens):
     size traces the engine's compiled step for that size (once per process)."""
     def together(n_tokens, salt):
         out = [None] * n
+        start = threading.Barrier(n + 1)
 
         def run(i):
+            start.wait()
             out[i] = one(decode_prompt(i + 1 + 10 * n + salt), n_tokens)
         ths = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-        t0 = time.perf_counter()
         for t in ths:
             t.start()
+        t0 = time.perf_counter()
+        start.wait()            # all n requests are sent at the same moment
         for t in ths:
             t.join()
         return sum(o["completion_tokens"] for o in out) / (max(o["end"] for o in out) - t0)
