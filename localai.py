@@ -1269,10 +1269,16 @@ async def generations(gen, n):
     yields (index, Chunk) as they come. Closing this stops every generation."""
     from dataclasses import replace
     engine = engine_for(gen.model)
+    # The language engine batches requests that arrive together: announce these
+    # now, before their threads start.
+    expect = getattr(engine, "expect", None)
+
+    def stream(g):
+        return iterate_blocking(engine.generate, g, **({"arrival": expect()} if expect else {}))
     if n == 1:
-        streams = [iterate_blocking(engine.generate, gen)]
+        streams = [stream(gen)]
     else:
-        streams = [iterate_blocking(engine.generate, replace(
+        streams = [stream(replace(
             gen, seed=None if gen.seed is None else (gen.seed + i) & 0xFFFFFFFFFFFFFFFF))
             for i in range(n)]
     if n == 1:

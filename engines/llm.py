@@ -411,22 +411,45 @@ class _Job(Job):
                 _SCHED.wake()       # so that a waiting scheduler drops it at once
 
 
-def generate(req: GenRequest, cancel=None):
+def generate(req: GenRequest, cancel=None, arrival=None):
     """Blocking iterator of Chunk; the last has done=True. Raises engines errors.
 
     Validation, tokenization, the context check and the queue check happen now,
     before the iterator is returned, so a caller sees BadInput/Busy before it
     starts a response."""
-    check_request(req)
-    sched = _scheduler()
-    sched.arrive()
+    arrival = arrival or expect()
     try:
+        check_request(req)
         job = _prepare(req, cancel)
     except BaseException:
-        sched.arrive(-1)
+        arrival.done()
         raise
-    sched.submit(job, arrived=True)
+    _scheduler().submit(job, arrival=arrival)
     return _Stream(job)
+
+
+class Arrival:
+    """A request on its way to generate(), counted by an idle engine that is about to
+    start a batch (ADMIT_WINDOW) until it is submitted, fails, or is dropped."""
+
+    __slots__ = ("sched", "live")
+
+    def __init__(self, sched):
+        self.sched, self.live = sched, True
+        sched.arrive(1)
+
+    def done(self):
+        if self.live:
+            self.live = False
+            self.sched.arrive(-1)
+
+    __del__ = done
+
+
+def expect():
+    """Announce a request before its generate() call (the server does this when a
+    request is read, before it is handed to a thread); pass it as ``arrival``."""
+    return Arrival(_scheduler())
 
 
 def _prepare(req, cancel):
@@ -647,9 +670,10 @@ class _Scheduler:
             self.thread.join(timeout)
 
     # -- called from other threads ------------------------------------------
-    def submit(self, job, control=False, arrived=False):
+    def submit(self, job, control=False, arrival=None):
         with self.cv:
-            if arrived:
+            if arrival is not None and arrival.live:
+                arrival.live = False
                 self.n_arriving -= 1
             waiting = sum(1 for j in self.pending if not j.cancelled())
             active = sum(len(m.jobs) for m in self.models.values())
@@ -665,8 +689,8 @@ class _Scheduler:
         with self.cv:
             self.cv.notify()
 
-    def arrive(self, n=1):
-        """A request starts (1) or gave up (-1) preparing its job (ADMIT_WINDOW)."""
+    def arrive(self, n):
+        """One more (1) or one fewer (-1) request on its way (see Arrival)."""
         with self.cv:
             self.n_arriving += n
             if n < 0:

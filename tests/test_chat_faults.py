@@ -324,6 +324,12 @@ def test_requests_arriving_together_are_prefilled_together(models_dir, monkeypat
     slow.join()
     assert llm.stats()["peak_admitted"] == 2, before
     assert out == {"quick": alone["The capital of France is"], "slow": alone["1, 2, 3, 4,"]}
+    # an announced request that fails, or never comes, holds nobody up
+    with pytest.raises(llm.BadInput):
+        llm.generate(llm.GenRequest(model=info, prompt=""), arrival=llm.expect())
+    gone = llm.expect()
+    del gone
+    assert llm._SCHED.n_arriving == 0
 
 
 def test_api_chat_without_model_uses_configured_then_first_installed(server, start_server, store):
