@@ -198,32 +198,40 @@ class _Step:
         self.nh, self.hd = nh, hd
         rep = nh // nkv
         half = hd // 2
-        nq, nk = nh * hd, nkv * hd
         # rope of [1..1, 0..0] at a position is [cos | sin] of its angles: the
         # model's own rope op gives them, so any base/scale/frequency rule agrees.
         self.unit = mx.concatenate([mx.ones((1, 1, 1, half)), mx.zeros((1, 1, 1, half))], -1)
 
+        heads = nh + 2 * nkv
+
         def pre(x, n1, qkv_t, c, s, *bias):          # bias: () or (q|k|v bias,)
+            # Rope as r * c + (r with its halves swapped) * s over every head at
+            # once: c, s (tables()) hold [cos, cos] and [-sin, sin] per head, times
+            # the attention scale for q heads, and 1, 0 for v heads (which pass
+            # through unchanged): one compiled kernel and no concatenation.
             B = x.shape[0]
             qkv = mx.fast.rms_norm(x, n1, eps) @ qkv_t
             if bias:
                 qkv = qkv + bias[0]
-            qk = qkv[:, :nq + nk].reshape(B, nh + nkv, hd)
-            x1, x2 = qk[..., :half], qk[..., half:]
-            qk = mx.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
-            q = qk[:, :nh].reshape(B, nkv, rep, hd) * scale
-            k = qk[:, nh:].reshape(B, nkv, 1, hd)
-            v = qkv[:, nq + nk:].reshape(B, nkv, 1, hd)
+            r = qkv.reshape(B, heads, 2, half)
+            r = (r * c + r[:, :, ::-1] * s).reshape(B, heads, hd)
+            q = r[:, :nh].reshape(B, nkv, rep, hd)
+            k = r[:, nh:nh + nkv].reshape(B, nkv, 1, hd)
+            v = r[:, nh + nkv:].reshape(B, nkv, 1, hd)
             return q, k, v
 
         def post(x, o, o_t, n2, gu_t, down_t):
-            h = x + o @ o_t
+            h = mx.addmm(x, o, o_t)                  # x + o @ o_t in one product
             gu = mx.fast.rms_norm(h, n2, eps) @ gu_t
-            return h + (nn.silu(gu[:, :ffn]) * gu[:, ffn:]) @ down_t
+            return mx.addmm(h, nn.silu(gu[:, :ffn]) * gu[:, ffn:], down_t)
 
         def final(x, n, w_t):
             return mx.fast.rms_norm(x, n, eps) @ w_t
 
+        # Per head (q, k, v) along axis 1: the scale of rope's cos/sin, and what a
+        # head keeps of itself (v heads: all of it, no rotation).
+        self.head_scale = mx.array([scale] * nh + [1.0] * nkv + [0.0] * nkv).reshape(1, heads, 1, 1)
+        self.head_keep = mx.array([0.0] * (nh + nkv) + [1.0] * nkv).reshape(1, heads, 1, 1)
         self.pre, self.post, self.final = mx.compile(pre), mx.compile(post), mx.compile(final)
         # Attention's softmax with its exp compiled (native FMA, ~3x cheaper than
         # MLX's Softmax on x86). Only the elementwise part: a shapeless compiled
@@ -243,9 +251,9 @@ class _Step:
             off = mx.array([off])
         n = off.size
         cs = self.rope(mx.broadcast_to(self.unit, (n, 1, 1, self.hd)), offset=off)
-        cs = cs.reshape(n, 1, self.hd)
-        half = self.hd // 2
-        c, s = cs[..., :half], cs[..., half:]
+        c, s = cs.reshape(n, 1, 2, self.hd // 2)[:, :, :1], cs.reshape(n, 1, 2, self.hd // 2)[:, :, 1:]
+        c = mx.concatenate([c, c], axis=2) * self.head_scale + self.head_keep
+        s = mx.concatenate([-s, s], axis=2) * self.head_scale
         for i, (w, cache) in enumerate(zip(self.fused, caches)):
             q, k, v = self.pre(h, w["n1"], w["qkv_t"], c, s, *w["extra"])
             k, v = cache.update_and_fetch(k, v)
