@@ -21,7 +21,8 @@ first token for a ~1000-token prompt, time to first token for a short prompt, an
 aggregate completion tok/s with 1, 4 and 8 concurrent streams. The reference paths
 are slow on a CPU (about 7 tok/s decode, 14 tok/s prefill), so they decode fewer
 tokens (--ref-tokens); rates are per token, so the comparison stays fair.
-The machine is shared: run it twice and trust figures that agree.
+Each aggregate figure is the median of AGG_ROUNDS runs, interleaved across the stream
+counts. The machine is shared: run it twice and trust figures that agree.
 """
 import argparse
 import http.client
@@ -29,6 +30,7 @@ import json
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +46,8 @@ FILLER = ("The history of the city is long and full of small events that nobody 
           "down, so what we know comes from letters, tax rolls and the stones of old "
           "houses. Merchants came by river and by road; some stayed. ")
 RESULT = "BENCH-RESULT "
+# Runs behind each aggregate figure (the median is reported).
+AGG_ROUNDS = 3
 
 
 # --- prompts ---------------------------------------------------------------------------
@@ -138,15 +142,18 @@ def worker_engine(args):
     res["decode"] = one(decode_prompt(0), args.tokens)
     res["short"] = one("Hello! How are you today?", 1)
     res["long"] = one(long_prompt(tok, args.prompt_tokens, "engine"), 1)
-    res["streams"] = {str(n): aggregate(n, one, args.tokens) for n in args.streams}
+    res["streams"] = aggregates(args.streams, one, args.tokens)
     return res
 
 
-def aggregate(n, one, tokens):
-    """Completion tok/s of n concurrent streams of `tokens` each (one(prompt, tokens)
-    runs one stream), after a short warm-up with n streams: the first batch of a new
-    size traces the engine's compiled step for that size (once per process)."""
-    def together(n_tokens, salt):
+def aggregates(ns, one, tokens):
+    """{n: completion tok/s of n concurrent streams of `tokens` each} for n in ns
+    (one(prompt, tokens) runs one stream): the median of AGG_ROUNDS runs, the rounds
+    interleaved across the n so that a slow spell of the machine hits every n
+    alike; every run has new prompts (no prefix-cache hits). A short warm-up with
+    each n first: the first batch of a new size traces the engine's compiled step
+    for that size (once per process)."""
+    def together(n, n_tokens, salt):
         out = [None] * n
         start = threading.Barrier(n + 1)
 
@@ -161,8 +168,13 @@ def aggregate(n, one, tokens):
         for t in ths:
             t.join()
         return sum(o["completion_tokens"] for o in out) / (max(o["end"] for o in out) - t0)
-    together(4, 500)
-    return together(tokens, 0)
+    for n in ns:
+        together(n, 4, 500)
+    runs = {n: [] for n in ns}
+    for r in range(AGG_ROUNDS):
+        for n in ns:
+            runs[n].append(together(n, tokens, 1000 * (r + 1)))
+    return {str(n): statistics.median(v) for n, v in runs.items()}
 
 
 def worker_llama(args):
@@ -232,13 +244,11 @@ def sse_completion(port, model, prompt, max_tokens, path="/v1/completions"):
 def http_suite(port, model, args, tok, n_tokens, streams, salt, long=True):
     sse_completion(port, model, decode_prompt(99), 4)                # load + warm-up
     res = {"decode": sse_completion(port, model, decode_prompt(0), n_tokens),
-           "short": sse_completion(port, model, "Hello! How are you today?", 1),
-           "streams": {}}
+           "short": sse_completion(port, model, "Hello! How are you today?", 1)}
     if long:
         res["long"] = sse_completion(port, model, long_prompt(tok, args.prompt_tokens, salt), 1)
-    for n in streams:
-        res["streams"][str(n)] = aggregate(
-            n, lambda prompt, k: sse_completion(port, model, prompt, k), n_tokens)
+    res["streams"] = aggregates(
+        streams, lambda prompt, k: sse_completion(port, model, prompt, k), n_tokens)
     return res
 
 
