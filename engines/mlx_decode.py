@@ -206,19 +206,17 @@ class _Step:
 
         def pre(x, n1, qkv_t, c, s, *bias):          # bias: () or (q|k|v bias,)
             # Rope as r * c + (r with its halves swapped) * s over every head at
-            # once: c, s (tables()) hold [cos, cos] and [-sin, sin] per head, times
-            # the attention scale for q heads, and 1, 0 for v heads (which pass
-            # through unchanged): one compiled kernel and no concatenation.
+            # once: c, s (made per step in __call__) hold [cos, cos] and [-sin, sin]
+            # per head, times the attention scale for q heads, and 1, 0 for v heads
+            # (which pass through unchanged): one compiled kernel, no concatenation.
             B = x.shape[0]
             qkv = mx.fast.rms_norm(x, n1, eps) @ qkv_t
             if bias:
                 qkv = qkv + bias[0]
             r = qkv.reshape(B, heads, 2, half)
-            r = (r * c + r[:, :, ::-1] * s).reshape(B, heads, hd)
+            r = (r * c + r[:, :, ::-1] * s).reshape(B, heads, 1, hd)
             q = r[:, :nh].reshape(B, nkv, rep, hd)
-            k = r[:, nh:nh + nkv].reshape(B, nkv, 1, hd)
-            v = r[:, nh + nkv:].reshape(B, nkv, 1, hd)
-            return q, k, v
+            return q, r[:, nh:nh + nkv], r[:, nh + nkv:]          # q, k, v
 
         def post(x, o, o_t, n2, gu_t, down_t):
             h = mx.addmm(x, o, o_t)                  # x + o @ o_t in one product
@@ -251,7 +249,8 @@ class _Step:
             off = mx.array([off])
         n = off.size
         cs = self.rope(mx.broadcast_to(self.unit, (n, 1, 1, self.hd)), offset=off)
-        c, s = cs.reshape(n, 1, 2, self.hd // 2)[:, :, :1], cs.reshape(n, 1, 2, self.hd // 2)[:, :, 1:]
+        cs = cs.reshape(n, 1, 2, self.hd // 2)                  # [cos | sin]
+        c, s = cs[:, :, :1], cs[:, :, 1:]
         c = mx.concatenate([c, c], axis=2) * self.head_scale + self.head_keep
         s = mx.concatenate([-s, s], axis=2) * self.head_scale
         for i, (w, cache) in enumerate(zip(self.fused, caches)):
