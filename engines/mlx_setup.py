@@ -38,10 +38,12 @@ shared/DESIGN.md section 5 and bench/llm_bench.py):
    forward pass.
 6. Float32 weights make decoding read 513 MB per token. The shim keeps a copy of
    each decode matrix in its quantized form ("twin": 4/8-bit values with float32
-   scale and bias per group, 115 MB for SmolLM2) and computes products of 1..8 rows
-   from it, keyed by the float32 matrix's address (register_quantized); prompts
-   (more rows) still use OpenBLAS on the float32 copy. The 576x49152 8-bit head:
-   3.7 -> 1.1 ms at M=1 (bench/quant_bench.py). The twins are freed with the model
+   scale and bias per group, 115 MB for SmolLM2) and computes products of up to 128
+   rows from it (decoding, short prompts: OpenBLAS's sgemm packs all 4 bytes of every
+   weight, which dominates below a few hundred rows), keyed by the float32 matrix's
+   address range (register_quantized); longer prompts use OpenBLAS on the float32
+   copy. The 576x49152 8-bit head: 3.7 -> 1.1 ms at M=1 (bench/quant_bench.py); a
+   26-token prompt's products 69 -> 20 ms. The twins are freed with the model
    (release()).
 7. The process around MLX: jemalloc as malloc (allocator_env(): MLX's two threads
    no longer wait on glibc's arena lock, ~900 -> ~450 futex calls a token), and
@@ -265,14 +267,20 @@ static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
    vectors. Rows 2i and 2i+1 alternate group by group (the kernel reads two
    rows as one stream); a lone last row follows. A group is dequantized once and used
    for all M rows of A. */
-#define QMAX_M 8      /* products of up to 8 rows of A take the twin, */
-#define QPASS 4       /* in passes of up to 4 (the block of B stays in L1/L2) */
+/* Products of up to QMAX_M rows of A take the twin (decoding, short prompts), in
+   passes of up to QPASS rows (the block of B stays in L1/L2). OpenBLAS's float32 sgemm
+   reads 4 bytes a weight and packs them: SmolLM2's 120 layer products with 26 rows
+   took 69 ms (49 with OpenBLAS's AVX-512 kernel), with the twins 20; 104 rows: 128 (75)
+   -> 75; 128 rows: 136 (87) -> 100; 256 rows: 258 (158) -> 215. Without AVX-512 our
+   kernel has half the width. */
+#define QMAX_M (VW == 16 ? 128 : 32)
+#define QPASS 4
 /* Bytes ahead of a twin's read position to prefetch: the hardware prefetcher alone left
    decoding's products short of memory bandwidth (121 products of SmolLM2: one row
    4.5 -> 3.9 ms, four rows 6.2 -> 5.2 ms; 512 was slower than none, 8192 no better). */
 #define QPREFETCH 4096
 struct qmat { const float *key; int N, K, bits, gs; size_t gbytes, rbytes;
-              unsigned char *data; struct qmat *next; };
+              unsigned char *data; };
 typedef unsigned char u8v __attribute__((vector_size(VW)));
 typedef int iv __attribute__((vector_size(VW * 4)));
 /* VW bytes zero-extended to VW ints (GCC does not turn the generic conversion into
@@ -413,37 +421,59 @@ typedef void (*qk_t)(const struct qmat *, int, int, float, const float *, int, f
 static const qk_t qkernels[2][2][QPASS] = {            /* [gs == 32][bits == 8][M - 1] */
   {QK_ROW(4, 0), QK_ROW(8, 0)}, {QK_ROW(4, 32), QK_ROW(8, 32)}};
 
-/* The registry: key = B's data pointer (Python keeps that buffer alive while it is
-   registered, so the address cannot be reused). A chained hash under a mutex held only
-   for the lookup; an entry is freed only when unregistered, which the caller does while
-   no product runs on that matrix. */
-#define QBUCKETS 1024
-static struct qmat *qtab[QBUCKETS];
+/* The registry: twins sorted by key, B's data pointer (Python keeps that buffer alive
+   while it is registered, so the address cannot be reused), searched under a mutex
+   held only for the lookup. A product whose B is rows [r0, r0 + N) of a registered
+   matrix is served from those rows of its twin: a module's weight that is a view of a
+   fused matrix (q_proj's rows of q|k|v, which prompts multiply by) finds it too. An
+   entry is freed only when unregistered, which the caller does while no product runs
+   on that matrix. */
+static struct qmat **qs;
+static int qn, qcap;
 static pthread_mutex_t qmu = PTHREAD_MUTEX_INITIALIZER;
 static _Atomic long q_count, q_bytes;
-static unsigned qhash(const float *p) {
-  return (unsigned)(((uintptr_t)p >> 4) * 0x9E3779B97F4A7C15ull >> 54) % QBUCKETS;
+
+static int qpos(const float *key) {              /* entries with keys <= key; under qmu */
+  int lo = 0, hi = qn;
+  while (lo < hi) {
+    int mid = (lo + hi) / 2;
+    if ((uintptr_t)qs[mid]->key <= (uintptr_t)key) lo = mid + 1; else hi = mid;
+  }
+  return lo;
 }
 
-static const struct qmat *qfind(const float *B, int N, int K, int ldb) {
-  if (atomic_load_explicit(&q_count, memory_order_relaxed) == 0) return NULL;
+/* 1 and *view = the twin of B's rows, if B (N x K, row stride ldb) is rows r0.. of a
+   registered matrix, r0 even and the range not ending inside a pair of rows (the
+   layout pairs them); else 0. */
+static int qfind(const float *B, int N, int K, int ldb, struct qmat *view) {
+  if (atomic_load_explicit(&q_count, memory_order_relaxed) == 0) return 0;
+  int found = 0;
   pthread_mutex_lock(&qmu);
-  const struct qmat *q = qtab[qhash(B)];
-  while (q && q->key != B) q = q->next;
-  if (q && (q->N != N || q->K != K || ldb != K)) q = NULL;
+  int i = qpos(B) - 1;
+  if (i >= 0) {
+    const struct qmat *q = qs[i];
+    size_t off = (uintptr_t)B - (uintptr_t)q->key, row = (size_t)K * sizeof(float);
+    size_t r0 = off / row;
+    if (q->K == K && ldb == K && off % row == 0 && r0 % 2 == 0 && r0 + N <= (size_t)q->N
+        && (N % 2 == 0 || r0 + N == (size_t)q->N)) {
+      *view = *q;
+      view->data += r0 * q->rbytes;
+      view->N = q->N - (int)r0;
+      found = 1;
+    }
+  }
   pthread_mutex_unlock(&qmu);
-  return q;
+  return found;
 }
 
 static struct qmat *qunlink(const float *key) {   /* under qmu */
-  struct qmat **pp = &qtab[qhash(key)];
-  while (*pp && (*pp)->key != key) pp = &(*pp)->next;
-  struct qmat *q = *pp;
-  if (q) {
-    *pp = q->next;
-    atomic_fetch_sub(&q_count, 1);
-    atomic_fetch_sub(&q_bytes, (long)(q->rbytes * q->N));
-  }
+  int i = qpos(key) - 1;
+  if (i < 0 || qs[i]->key != key) return NULL;
+  struct qmat *q = qs[i];
+  __builtin_memmove(qs + i, qs + i + 1, (size_t)(qn - i - 1) * sizeof *qs);
+  qn--;
+  atomic_fetch_sub(&q_count, 1);
+  atomic_fetch_sub(&q_bytes, (long)(q->rbytes * q->N));
   return q;
 }
 
@@ -488,9 +518,16 @@ int localai_quant_register(const float *key, int N, int K, int bits, int gs,
   }
   pthread_mutex_lock(&qmu);
   struct qmat *old = qunlink(key);
-  unsigned h = qhash(key);
-  q->next = qtab[h];
-  qtab[h] = q;
+  if (qn == qcap) {
+    struct qmat **grown = realloc(qs, (size_t)(qcap ? 2 * qcap : 256) * sizeof *qs);
+    if (!grown) { pthread_mutex_unlock(&qmu); qfree(q); qfree(old); return -2; }
+    qs = grown;
+    qcap = qcap ? 2 * qcap : 256;
+  }
+  int at = qpos(key);
+  __builtin_memmove(qs + at + 1, qs + at, (size_t)(qn - at) * sizeof *qs);
+  qs[at] = q;
+  qn++;
   atomic_fetch_add(&q_count, 1);
   atomic_fetch_add(&q_bytes, (long)total);
   pthread_mutex_unlock(&qmu);
@@ -672,7 +709,8 @@ long localai_blas_count(int which) {
     case 3: return helpers;
     case 4: return n_quant;          /* products served by a quantized twin */
     case 5: return q_count;          /* matrices registered */
-    default: return q_bytes;         /* bytes their twins take */
+    case 6: return q_bytes;          /* bytes their twins take */
+    default: return QMAX_M;          /* the most rows of A a twin serves */
   }
 }
 
@@ -680,14 +718,12 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
                  const float *A, int lda, const float *B, int ldb, float beta,
                  float *C, int ldc) {
   atomic_fetch_add_explicit(&n_calls, 1, memory_order_relaxed);
+  struct qmat q;
   if (order == RowMajor && ta == NoTrans && tb == Trans && M >= 1 && M <= QMAX_M
-      && ldc >= N) {
-    const struct qmat *q = qfind(B, N, K, ldb);
-    if (q) {
-      atomic_fetch_add_explicit(&n_quant, 1, memory_order_relaxed);
-      small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, q);
-      return;
-    }
+      && ldc >= N && qfind(B, N, K, ldb, &q)) {
+    atomic_fetch_add_explicit(&n_quant, 1, memory_order_relaxed);
+    small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, &q);
+    return;
   }
   if (order == RowMajor && ta == NoTrans && M == 1) {
     atomic_fetch_add_explicit(&n_gemv, 1, memory_order_relaxed);  /* one row: y = op(B)^T x, a matrix-vector product */
@@ -1004,8 +1040,9 @@ def _load_with_shim(lib, path):
     _state["blas"] = f"OpenBLAS ({path}) via localai shim"
     _state["shim"] = True
     _state["reasons"].append(
-        "system OpenBLAS preloaded; shim computes 1..8-row products of a model's "
-        "registered matrices from their quantized twins, other one-row products with "
+        f"system OpenBLAS preloaded; shim computes 1..{shim.localai_blas_count(7)}-row "
+        "products of a model's registered matrices (and of their rows) from their "
+        "quantized twins, other one-row products with "
         f"sgemv and 2..{SMALL_M}-row ones with its own kernels"
         + (" (batches shared with a helper thread)" if helpers else ""))
     _describe_openblas()
@@ -1135,8 +1172,9 @@ def blas_calls():
 # --- quantized twins: decode products read the quantized weights (issue 8) ---------------
 # A decode step reads every weight matrix once per token; float32 is 4 bytes a weight,
 # MLX's affine-quantized form 0.6-1.25. The shim keeps a copy of the quantized form of
-# a registered float32 matrix and serves `x @ w32.T` from it when x has 1..8 rows;
-# longer products (prompts) keep the float32 BLAS path.
+# a registered float32 matrix and serves `x @ w32.T` (or of a view of rows of it) from
+# it when x has up to quantized_calls()["max_rows"] rows; longer products (long
+# prompts) keep the float32 BLAS path.
 QUANT_BITS = (4, 8)
 QUANT_GROUP_SIZES = (32, 64, 128)
 _quant = {}                    # data pointer of a registered float32 matrix -> the matrix
@@ -1171,7 +1209,9 @@ def _data_pointer(w32):
 
 
 def register_quantized(w32, packed, scales, biases, bits, group_size):
-    """Serve `x @ w32.T` (x of 1..8 rows) from the quantized triple of the same matrix.
+    """Serve `x @ w32.T` (x of 1..max_rows rows), and the same product with a view of
+    rows r0.. of w32 (r0 even, the view's rows even or reaching w32's end), from the
+    quantized triple of the same matrix.
 
     w32: evaluated, row-contiguous float32 mx.array (N, K). packed: uint32 (N,
     K*bits/32); scales, biases: (N, K/group_size), float16/bfloat16/float32 (MLX affine
@@ -1233,12 +1273,14 @@ def unregister_all():
 
 def quantized_calls():
     """{"calls": products served by a quantized twin, "matrices": registered,
-    "bytes": their twins' size}, or None without the shim."""
+    "bytes": their twins' size, "max_rows": the most rows of x a twin serves}, or None
+    without the shim."""
     if _quant_lib() is None:
         return None
     return {"calls": int(_shim.localai_blas_count(4)),
             "matrices": int(_shim.localai_blas_count(5)),
-            "bytes": int(_shim.localai_blas_count(6))}
+            "bytes": int(_shim.localai_blas_count(6)),
+            "max_rows": int(_shim.localai_blas_count(7))}
 
 
 def _shim_helpers():

@@ -1,5 +1,6 @@
-"""engines/mlx_setup.register_quantized: the BLAS shim serves `x @ w32.T` (x of 1..8
-rows) from the quantized twin of a registered float32 matrix, with the same results.
+"""engines/mlx_setup.register_quantized: the BLAS shim serves `x @ w32.T` (x of up to
+max_rows rows, w32 or a view of its rows) from the quantized twin of a registered
+float32 matrix, with the same results.
 configure() must run before mlx is imported, so the checks run in fresh interpreters
 (subprocesses) and report JSON back."""
 import json
@@ -83,22 +84,32 @@ for n in (1, 2, 3):
 out.update(max_rel_err=err, max_rel_err_vs_half_dequantize=err_half,
            products=products, missed=missed)
 
-# 2. more than 8 rows, after unregister, and a different shape on the same buffer:
-#    the float32 path, same values.
-w32, _, quant = make(300, 128, 4, 32, mx.float32)
+# 2. prompts' row counts up to max_rows take the twin, one more the float32 path;
+#    views of rows of the matrix take the twin where the rows start on a pair (the
+#    layout pairs rows) and do not end inside one; another K on the same buffer, and
+#    everything after unregister, the float32 path. Same values throughout.
+w32, _, quant = make(301, 128, 4, 32, mx.float32)
 assert ms.register_quantized(w32, *quant)
-x9 = mx.array(rng.standard_normal((9, 128)).astype(np.float32))
-x3 = mx.array(rng.standard_normal((3, 128)).astype(np.float32))
-c0 = calls(); y9 = x9 @ w32.T; mx.eval(y9); out["calls_m9"] = calls() - c0
-c0 = calls(); y3 = x3 @ w32.T; mx.eval(y3); out["calls_m3"] = calls() - c0
-half = w32[:150]                       # same data pointer, other N: not the twin
-c0 = calls(); yh = x3 @ half.T; mx.eval(yh); out["calls_other_shape"] = calls() - c0
+top = ms.quantized_calls()["max_rows"]
+out["max_rows"] = top
+f64 = lambda a: np.array(a, np.float64)
+def product(x, w):
+    c0 = calls(); y = x @ w.T; mx.eval(y)
+    return [calls() - c0, rel(y, f64(x) @ f64(w).T)]
+xs = {m: mx.array(rng.standard_normal((m, 128)).astype(np.float32))
+      for m in (3, 9, 33, top, top + 1)}
+out["rows"] = {str(m): product(x, w32) for m, x in xs.items()}
+x3 = xs[3]
+y3 = x3 @ w32.T; mx.eval(y3)
+out["views"] = {f"{a}:{b}": product(x3, w32[a:b])
+                for a, b in ((0, 150), (100, 250), (150, 301), (300, 301),  # twin
+                             (101, 201), (0, 151), (99, 101))}              # not
+flat = w32.reshape(-1)[: 150 * 256].reshape(150, 256)  # same buffer, other K
+out["other_k"] = product(mx.array(rng.standard_normal((3, 256)).astype(np.float32)), flat)
 out["registered"] = ms.quantized_calls()
 out["unregister"] = [ms.unregister(w32), ms.unregister(w32)]
 c0 = calls(); y3b = x3 @ w32.T; mx.eval(y3b); out["calls_after_unregister"] = calls() - c0
 out["after_unregister_rel"] = rel(y3b, y3)
-out["m9_rel"] = rel(y9, np.array(x9, np.float64) @ np.array(w32, np.float64).T)
-out["other_shape_rel"] = rel(yh, np.array(x3, np.float64) @ np.array(half, np.float64).T)
 out["empty"] = ms.quantized_calls()
 
 # 3. batched decode shapes (rows x 1 token) reach the twin as one product.
@@ -191,12 +202,23 @@ def test_twin_products_equal_the_float32_products(checked):
     assert checked["max_rel_err_vs_half_dequantize"] < 1e-2
 
 
-def test_other_shapes_and_unregistered_take_the_float32_path(checked):
-    assert checked["calls_m3"] == 1
-    assert checked["calls_m9"] == 0 and checked["m9_rel"] < 1e-5
-    assert checked["calls_other_shape"] == 0 and checked["other_shape_rel"] < 1e-5
+def test_prompt_rows_and_row_views_use_the_twin(checked):
+    assert checked["max_rows"] >= 32
+    top = checked["max_rows"]
+    rows = checked["rows"]
+    assert [rows[str(m)][0] for m in (3, 9, 33, top, top + 1)] == [1, 1, 1, 1, 0]
+    assert max(err for _, err in rows.values()) < 1e-5
+    views = checked["views"]
+    assert {k: v[0] for k, v in views.items()} == {
+        "0:150": 1, "100:250": 1, "150:301": 1, "300:301": 1,
+        "101:201": 0, "0:151": 0, "99:101": 0}
+    assert max(err for _, err in views.values()) < 1e-5
+    assert checked["other_k"][0] == 0 and checked["other_k"][1] < 1e-5
+
+
+def test_unregistered_takes_the_float32_path(checked):
     assert checked["registered"]["matrices"] == 1
-    assert checked["registered"]["bytes"] == 300 * 4 * (8 + 16)    # 4 groups of 32
+    assert checked["registered"]["bytes"] == 301 * 4 * (8 + 16)    # 4 groups of 32
     assert checked["unregister"] == [True, False]
     assert checked["calls_after_unregister"] == 0
     assert checked["after_unregister_rel"] < 1e-5
