@@ -1,6 +1,7 @@
-"""engines/mlx_decode.py: the fused decode step gives mlx-lm's logits (float32
-rounding), for llama (traditional rope, tied head) and qwen2 (q/k/v biases, untied
-head) models, one sequence or a left-padded batch; anything else is left alone.
+"""engines/mlx_decode.py: the fused decode step and prompt pass give mlx-lm's logits
+(float32 rounding), for llama (traditional rope, tied head) and qwen2 (q/k/v biases,
+untied head) models, one sequence or a left-padded batch, a prompt in one piece or
+two; anything else is left alone.
 Each check runs in a fresh interpreter, like tests/test_mlx_setup.py."""
 import json
 
@@ -53,9 +54,12 @@ for arch in ARGS:
             caches = [make_prompt_cache(ref), make_prompt_cache(fast)]
         else:
             caches = [[BatchKVCache(pad) for _ in ref.layers] for _ in range(2)]
-        lr = ref(toks, cache=caches[0])
-        lf = fast(toks, cache=caches[1])
-        worst = max(worst, float(mx.abs(lr - lf).max()))
+        # the prompt in two pieces: the second one's keys start before its queries
+        # (a cached prefix, a long prompt's next slice)
+        for part in (toks[:, :-3], toks[:, -3:]):
+            lr = ref(part, cache=caches[0])
+            lf = fast(part, cache=caches[1])
+            worst = max(worst, float(mx.abs(lr - lf).max()))
         y = lr[:, -1:].argmax(-1)
         for step in range(6):
             lr = ref(y, cache=caches[0])
