@@ -55,11 +55,13 @@ model within float16 rounding (tests/test_mlx_setup.py).
 
 Result (engine in-process, greedy, quiet 2-core machine): decode ~10 tok/s (mlx-lm)
 -> ~175 tok/s (a step of ~5.3 ms: ~3.9 ms of quantized products, bound by memory
-bandwidth, the rest MLX's graph scheduling), 1000-token prefill 12.5 -> ~330
-tok/s (MLX's x86 softmax runs a scalar exp). A batch of 4 takes ~9-10 ms a step
-and of 8 ~15 ms: what grows per row is arithmetic (the quantized products are
-bound by multiply-adds, ~63% of AVX-512 peak at 4 rows) and attention's small
-products and softmax (MLX calls BLAS once per sequence and kv head).
+bandwidth, the rest MLX's graph scheduling), 1000-token prefill 12.5 -> ~450
+tok/s (OpenBLAS's products, the rest mostly attention), a 26-token prompt ~30 ms.
+A batch of 4 takes ~8.5-9 ms a step and of 8 ~15 ms: what grows per row is
+arithmetic (the quantized products are bound by multiply-adds, ~55-63% of AVX-512
+peak at 4 rows), attention's small products (MLX calls BLAS once per sequence and
+kv head), and three busy threads (MLX's stream, the shim's helper, Python building
+the next step) sharing two cores.
 
 Switches (environment, or the same-named lower-case attribute on the config):
     LOCALAI_MLX_BLAS        auto (shim if a C compiler exists, else OpenBLAS) |
