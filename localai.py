@@ -2439,8 +2439,8 @@ def announce_engine():
     except Exception as exc:          # an engine that cannot start is reported by its routes
         log.warning("language engine: %s", exc)
         return
-    dtype = ("; models load as float32 within LOCALAI_MLX_MEMORY_BUDGET, decoding from their"
-             " quantized form (per model: /api/ps)" if d.get("device") == "cpu"
+    dtype = ("; models load as float32 within LOCALAI_MLX_MEMORY_BUDGET, decoding and short"
+             " prompts from their quantized form (per model: /api/ps)" if d.get("device") == "cpu"
              else "; quantized weights stay quantized")
     print("  language engine:  %s, %s, %s BLAS thread(s)%s"
           % (d.get("device"), d.get("blas"), d.get("blas_threads"), dtype), flush=True)

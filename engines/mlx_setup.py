@@ -1441,8 +1441,9 @@ def _fast_decode(model, twins, chosen):
     if done:
         chosen["quantized_products"] = done
         chosen["reasons"].append(
-            f"decode products read {done} weight matrices in their quantized form "
-            "(the shim keeps a copy; the float32 one serves prompts)")
+            f"decode products read {done} weight matrices in their quantized form, and "
+            "so do prompts' of up to the shim's row limit (it keeps a copy; the float32 "
+            "one serves longer prompts)")
 
 
 def release(model):
