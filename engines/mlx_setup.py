@@ -172,6 +172,14 @@ static inline float hsum_q(vf v) {
 #else
 #define hsum_q hsum
 #endif
+/* Rows of B to prefetch ahead in attention's products: a long context's keys and
+   values stream from memory, and the hardware prefetcher alone left them short of
+   bandwidth (SmolLM2, a token after 3000 positions: 13.9-15.4 -> 11.6-13.6 ms; 4
+   streams after 1000: 20.8-20.9 -> 17.0-19.8 ms; 8 or 32 rows: no better). */
+#define APREFETCH 16
+static inline void prefetch_row(const float *p, int n) {
+  for (int i = 0; i < n; i += 64 / (int)sizeof(float)) __builtin_prefetch(p + i);
+}
 #define SMALL(MM)                                                                   \
   static void small_##MM(int N, int K, float alpha, const float *A, int lda,        \
                          const float *B, int ldb, float beta, float *C, int ldc) {  \
@@ -181,6 +189,7 @@ static inline float hsum_q(vf v) {
         for (int j = 0; j < 4; j++) a[m][j] = ld(A + (size_t)m * lda + 16 * j);    \
       for (int n = 0; n < N; n++) {                                                 \
         const float *b = B + (size_t)n * ldb;                                       \
+        if (n + APREFETCH < N) prefetch_row(b + (size_t)APREFETCH * ldb, 64);       \
         vf b0 = ld(b), b1 = ld(b + 16), b2 = ld(b + 32), b3 = ld(b + 48);           \
         for (int m = 0; m < MM; m++) {                                              \
           float v = alpha * hsum_q(a[m][0] * b0 + a[m][1] * b1                      \
@@ -231,6 +240,7 @@ static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
       if (nn == NB) {
         for (int k = 0; k < K; k++) {
           const float *b = B + (size_t)k * ldb + n0;
+          if (k + APREFETCH < K) prefetch_row(b + (size_t)APREFETCH * ldb, NB);
           vf bv[NV];
           for (int i = 0; i < NV; i++) bv[i] = ld(b + i * VW);
           for (int m = 0; m < mm; m++) {
