@@ -463,8 +463,8 @@ static int qfind(const float *B, int N, int K, int ldb, struct qmat *view) {
   pthread_mutex_lock(&qmu);
   int i = qpos(B) - 1;
   if (i >= 0) {
-    const struct qmat *q = qs[i];
-    size_t off = (uintptr_t)B - (uintptr_t)q->key, row = (size_t)K * sizeof(float);
+    const struct qmat *q = qs[i];                /* q->K > 0 (registration checks) */
+    size_t off = (uintptr_t)B - (uintptr_t)q->key, row = (size_t)q->K * sizeof(float);
     size_t r0 = off / row;
     if (q->K == K && ldb == K && off % row == 0 && r0 % 2 == 0 && r0 + N <= (size_t)q->N
         && (N % 2 == 0 || r0 + N == (size_t)q->N)) {
