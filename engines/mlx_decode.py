@@ -258,11 +258,8 @@ class _Step:
         B, L = inputs.shape
         nh, nkv, rep, hd = self.nh, self.nkv, self.rep, self.hd
         h = self.inner.embed_tokens(inputs)
-        mask = create_attention_mask(h, caches[0])
-        if isinstance(mask, str):                    # "causal": keys end with the queries
-            S = caches[0].offset + L
-            mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
-        elif mask is not None and mask.ndim > 3:     # B, 1, L, S -> B, 1, 1, L, S
+        mask = create_attention_mask(h, caches[0], return_array=True)   # causal, padding
+        if mask.ndim > 3:                            # B, 1, L, S -> B, 1, 1, L, S
             mask = mx.expand_dims(mask, -3)
         for layer, cache in zip(self.inner.layers, caches):
             a = layer.self_attn
