@@ -173,6 +173,25 @@ out["threaded_runs"] = len(res[0]) + len(res[1])
 out["threaded_calls"] = calls() - c0
 out["unregister_all"] = ms.unregister_all()
 out["final"] = ms.quantized_calls()
+
+# 6. twins share chunks of memory mapped for them, unmapped when their last twin goes:
+#    resident memory grows by the twins' bytes and comes back after unregistering.
+import os
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+big = [make(2048, 4096, 4, 32, mx.float32) for _ in range(4)]
+r0 = rss()
+for w32, _, quant in big:
+    assert ms.register_quantized(w32, *quant)
+out["big_bytes"] = ms.quantized_calls()["bytes"]
+r1 = rss()
+x = mx.array(rng.standard_normal((3, 4096)).astype(np.float32))
+out["big_rel"] = max(rel(x @ w32.T, np.array(x, np.float64) @ np.array(w32, np.float64).T)
+                     for w32, _, _ in big)
+r2 = rss()
+for w32, _, _ in big:
+    assert ms.unregister(w32)
+out["rss_growth"], out["rss_returned"] = r1 - r0, r2 - rss()
 print(json.dumps(out))
 """
 
@@ -242,6 +261,15 @@ def test_concurrent_products_and_registration(checked):
     assert checked["threaded_err"] < 1e-5
     assert checked["unregister_all"] == 2
     assert checked["final"]["matrices"] == 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux /proc")
+def test_twin_memory_is_returned_when_unregistered(checked):
+    twins = checked["big_bytes"]
+    assert twins == 4 * 2048 * (4096 // 32) * (2 * 4 + 16)     # scale, bias, 32 nibbles
+    assert checked["big_rel"] < 1e-5
+    assert checked["rss_growth"] > 0.9 * twins
+    assert checked["rss_returned"] > 0.9 * twins
 
 
 def test_without_the_shim_nothing_registers():
