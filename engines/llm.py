@@ -634,6 +634,18 @@ def _batch_step(self):
     return inputs, self._current_logprobs
 
 
+def _keep_cache(m, tokens, cache, **kw):
+    """Put a sequence's KV cache in the model's prompt cache, its arrays computed now.
+    mlx-lm extracts a sequence's cache from the batch lazily: kept as it is, each
+    entry would hold on to the whole batch's key and value buffers until evicted, so
+    every new batch faulted in fresh memory (4 streams of SmolLM2 while the prompt
+    cache filled: 5,000-27,000 page faults a batch, its prefill 150-250 ms instead of
+    ~110; aggregate 400 -> 440 tokens/s)."""
+    import mlx.core as mx
+    mx.async_eval([a for c in cache for a in c.state if isinstance(a, mx.array)])
+    m.prompt_cache.insert_cache(m.info.id, list(tokens), cache, **kw)
+
+
 _SCHED = None
 _SCHED_LOCK = threading.Lock()
 
@@ -960,8 +972,7 @@ class _Scheduler:
             if r.end_of_segment and not r.end_of_prompt and seg_types:
                 kind = seg_types.pop()
                 for _uid, (cache, toks) in m.gen.extract_cache([r.uid]).items():
-                    m.prompt_cache.insert_cache(m.info.id, list(toks), cache,
-                                                cache_type=kind)
+                    _keep_cache(m, toks, cache, cache_type=kind)
         finished = []
         for r in gen_resps:
             job = m.jobs.get(r.uid)
@@ -978,7 +989,7 @@ class _Scheduler:
             if live:
                 caches = m.gen.remove(live, return_prompt_caches=True)
                 for _uid, (cache, toks) in caches.items():
-                    m.prompt_cache.insert_cache(m.info.id, list(toks), cache)
+                    _keep_cache(m, toks, cache)
             for j in finished:
                 m.touch(j.req.keep_alive)
 
@@ -1014,7 +1025,7 @@ class _Scheduler:
         its KV cache for the next turn."""
         job.finished = True
         if r.prompt_cache is not None:
-            m.prompt_cache.insert_cache(m.info.id, list(r.all_tokens), r.prompt_cache)
+            _keep_cache(m, r.all_tokens, r.prompt_cache)
 
     def _finish(self, job, reason):
         job.out.put(done_chunk(

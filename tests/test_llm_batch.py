@@ -91,3 +91,30 @@ print(json.dumps({"all": seen(), "k2": seen(top_k=2), "p05": seen(top_p=0.5),
     assert out["minp"] == [3, 5, 7]        # p >= 0.45 * 0.4
     assert out["minp2"] == [3, 7]          # p >= 0.6 * 0.4
     assert out["seed"] is True
+
+
+def test_kept_caches_do_not_hold_on_to_the_batch(models_dir):
+    """A finished request's KV cache goes into the prompt cache computed, its own
+    tokens only: mlx-lm extracts it lazily, and a lazy entry kept the whole batch's
+    key and value buffers alive (and every new batch faulted in fresh memory)."""
+    import mlx.core as mx
+    from engines import llm
+    from engines.catalog import Catalog
+    info = Catalog(models_dir).resolve(MODEL)
+
+    def batch(salt):
+        ths = [threading.Thread(target=lambda i=i: list(llm.generate(llm.GenRequest(
+            model=info, prompt=f"Count from {salt + 7 * i} to 100:", max_tokens=24,
+            temperature=0)))) for i in range(4)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+    batch(1000)                          # the engine loaded, its step traced for 4
+    m = llm._SCHED.models[info.id]
+    a0, c0 = mx.get_active_memory(), m.prompt_cache.nbytes
+    batch(2000)
+    grown, kept = mx.get_active_memory() - a0, m.prompt_cache.nbytes - c0
+    assert kept > 0
+    # the batch's buffers: 30 layers x keys and values x 4 rows x 256 positions
+    assert grown < kept + (4 << 20), (grown, kept)
