@@ -97,6 +97,7 @@ def test_kept_caches_do_not_hold_on_to_the_batch(models_dir):
     """A finished request's KV cache goes into the prompt cache computed, its own
     tokens only: mlx-lm extracts it lazily, and a lazy entry kept the whole batch's
     key and value buffers alive (and every new batch faulted in fresh memory)."""
+    import time
     import mlx.core as mx
     from engines import llm
     from engines.catalog import Catalog
@@ -110,11 +111,49 @@ def test_kept_caches_do_not_hold_on_to_the_batch(models_dir):
             t.start()
         for t in ths:
             t.join()
+    def settled():                       # the scheduler is done with the batch
+        m = llm._SCHED.models[info.id]
+        for _ in range(100):
+            if not m.jobs and not llm._SCHED.pending:
+                break
+            time.sleep(0.01)
+        time.sleep(0.05)
+        mx.synchronize()
+        return m, mx.get_active_memory()
     batch(1000)                          # the engine loaded, its step traced for 4
-    m = llm._SCHED.models[info.id]
-    a0, c0 = mx.get_active_memory(), m.prompt_cache.nbytes
+    m, a0 = settled()
+    c0 = m.prompt_cache.nbytes
     batch(2000)
-    grown, kept = mx.get_active_memory() - a0, m.prompt_cache.nbytes - c0
+    m, a1 = settled()
+    grown, kept = a1 - a0, m.prompt_cache.nbytes - c0
     assert kept > 0
     # the batch's buffers: 30 layers x keys and values x 4 rows x 256 positions
     assert grown < kept + (4 << 20), (grown, kept)
+
+
+def test_delivered_stream_matches_the_iterated_one(models_dir):
+    """_Stream.deliver (the server's path): the engine thread hands every chunk to
+    the sink, in order, ending with the done chunk: the same text and counts as
+    iterating the stream, including chunks made before the sink was attached."""
+    import time
+    from engines import llm
+    from engines.catalog import Catalog
+    info = Catalog(models_dir).resolve(MODEL)
+    req = lambda: llm.GenRequest(model=info, prompt="The capital of France is",
+                                 max_tokens=12, temperature=0)
+    iterated = list(llm.generate(req()))
+    stream = llm.generate(req())
+    time.sleep(0.3)                      # some chunks wait in the queue first
+    got, done = [], threading.Event()
+
+    def sink(item):
+        got.append(item)
+        if getattr(item, "done", True):
+            done.set()
+    stream.deliver(sink)
+    assert done.wait(30)
+    time.sleep(0.05)
+    assert got[-1].done and all(not c.done for c in got[:-1])
+    assert "".join(c.text for c in got) == "".join(c.text for c in iterated)
+    assert got[-1].completion_tokens == iterated[-1].completion_tokens == 12
+    stream.close()
