@@ -1808,7 +1808,10 @@ async def iterate_blocking(fn, *args, **kwargs):
     A thread drives the iterator and hands items to the loop; closing this
     iterator (the client left) sets the Event, and the engine stops at its next
     check. At most STREAM_BUFFER_ITEMS wait undelivered: a slow client slows the
-    engine (backpressure) instead of piling its output up in memory."""
+    engine (backpressure) instead of piling its output up in memory. An iterator
+    with deliver(sink) (the language engine's) instead has its engine thread hand
+    each item to the loop: its output is bounded by the request's max_tokens, and
+    one slow client must not hold up a batch shared with others."""
     loop = asyncio.get_running_loop()
     queue = asyncio.Queue()
     cancel = threading.Event()
@@ -1823,7 +1826,14 @@ async def iterate_blocking(fn, *args, **kwargs):
 
     def drive():
         try:
-            for item in fn(*args, **kwargs):
+            items = fn(*args, **kwargs)
+            if hasattr(items, "deliver"):
+                # the engine's thread hands each item straight to the loop (the
+                # language engine: no thread waking per token and request)
+                put(("source", items))
+                items.deliver(lambda item: put(("direct", item)))
+                return
+            for item in items:
                 while not room.acquire(timeout=0.1):
                     if cancel.is_set():
                         return
@@ -1835,18 +1845,29 @@ async def iterate_blocking(fn, *args, **kwargs):
             put(("error", exc))
 
     threading.Thread(target=drive, name="stream", daemon=True).start()
+    source = None
     try:
         while True:
             kind, item = await queue.get()
             if kind == "item":
                 room.release()
                 yield item
+            elif kind == "direct":       # a Chunk (done=True ends it) or the error
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.done:
+                    return
+            elif kind == "source":
+                source = item            # kept: dropping it would cancel the request
             elif kind == "error":
                 raise item
             else:
                 return
     finally:
         cancel.set()
+        if source is not None:
+            source.close()
 
 
 # ============================================================================

@@ -346,13 +346,25 @@ class Job:
     set once the caller stops reading; ``cancel`` is the caller's
     threading.Event (the server's bridge sets it when the client leaves)."""
 
-    __slots__ = ("req", "kind", "cancel", "out", "closed", "load_seconds")
+    __slots__ = ("req", "kind", "cancel", "out", "closed", "load_seconds", "sink", "lock")
 
     def __init__(self, req, kind, cancel):
         self.req, self.kind, self.cancel = req, kind, cancel   # kind: generate|load|unload
         self.out = queue.SimpleQueue()
         self.closed = threading.Event()
         self.load_seconds = 0.0
+        self.sink = None                # deliver(): items go here instead of out
+        self.lock = threading.Lock()
+
+    def put(self, item):
+        """(engine thread) Hand the caller an item: to its sink if it attached one
+        (_Stream.deliver), else onto ``out`` for next_output()."""
+        with self.lock:
+            sink = self.sink
+            if sink is None:
+                self.out.put(item)
+        if sink is not None:
+            sink(item)
 
     def cancelled(self):
         return self.closed.is_set() or (self.cancel is not None and self.cancel.is_set())
@@ -381,7 +393,7 @@ class Job:
     def emit(self, text):
         """(engine thread) Put a piece of answer text, if any."""
         if text:
-            self.out.put(Chunk(text=text))
+            self.put(Chunk(text=text))
 
 
 class _Job(Job):
@@ -499,6 +511,22 @@ class _Stream:
                 return item
             self._done = True
         raise StopIteration
+
+    def deliver(self, sink):
+        """From now on the engine's thread calls sink(item) with each item (a Chunk,
+        or the exception that ends the request) instead of queueing it for
+        __next__; items already waiting go first. The server's event loop takes
+        its streams this way, without a thread of its own per request waking for
+        every token. The stream ends with the done Chunk or an exception."""
+        job = self.job
+        with job.lock:
+            while True:
+                try:
+                    item = job.out.get_nowait()
+                except queue.Empty:
+                    break
+                sink(item)
+            job.sink = sink
 
     def close(self):
         self._done = True
@@ -744,14 +772,14 @@ class _Scheduler:
                         self._engine_failed(m, e)
                 for job in admit:
                     if job.uid is None:
-                        job.out.put(EngineFailure(f"generation failed: {type(e).__name__}"))
+                        job.put(EngineFailure(f"generation failed: {type(e).__name__}"))
         stop = Unavailable("the server is shutting down")
         with self.cv:
             jobs = list(self.pending) + [j for m in self.models.values()
                                          for j in m.jobs.values()]
             self.pending.clear()
         for job in jobs:
-            job.out.put(stop)
+            job.put(stop)
         for mid in list(self.models):
             self._unload(mid)
         import mlx.core as mx
@@ -824,7 +852,7 @@ class _Scheduler:
                 while not self.pending:
                     self.cv.wait()
                 job = self.pending.popleft()
-            job.out.put(err)
+            job.put(err)
 
     # -- admission ---------------------------------------------------------------
     def _get_model(self, job):
@@ -865,7 +893,7 @@ class _Scheduler:
         self.counters["load_failures"] += 1
         self.last_load_error = err.message
         gc.collect()
-        job.out.put(err)
+        job.put(err)
 
     def _new_batch(self, m):
         from mlx_lm.generate import BatchGenerator
@@ -890,21 +918,21 @@ class _Scheduler:
             if m is not None:
                 m.touch(0)                 # unloaded now if idle, else when it is
             self._reap()
-            job.out.put(Chunk(done=True, finish_reason="unload"))
+            job.put(Chunk(done=True, finish_reason="unload"))
             return
         m = self._get_model(job)
         if m is None:
             return
         m.touch(job.req.keep_alive)
         if job.kind == "load":
-            job.out.put(Chunk(done=True, finish_reason="load",
+            job.put(Chunk(done=True, finish_reason="load",
                               load_seconds=job.load_seconds))
             return
         try:
             self._insert(m, job)
         except Exception as e:  # a broken request must not take the thread down
             self.counters["engine_failures"] += 1
-            job.out.put(EngineFailure(f"generation failed: {type(e).__name__}"))
+            job.put(EngineFailure(f"generation failed: {type(e).__name__}"))
 
     def _insert(self, m, job):
         from mlx_lm.generate import StopSequences
@@ -1028,7 +1056,7 @@ class _Scheduler:
             _keep_cache(m, r.all_tokens, r.prompt_cache)
 
     def _finish(self, job, reason):
-        job.out.put(done_chunk(
+        job.put(done_chunk(
             reason, prompt_tokens=len(job.prompt), completion_tokens=job.n_out,
             cached_tokens=job.cached, load_seconds=job.load_seconds,
             t_admit=job.t_admit, t_first=job.t_first))
@@ -1045,7 +1073,7 @@ class _Scheduler:
         """The batch broke: fail its requests cleanly, start a fresh batch."""
         self.counters["engine_failures"] += 1
         for job in m.jobs.values():
-            job.out.put(EngineFailure(f"generation failed: {type(err).__name__}: "
+            job.put(EngineFailure(f"generation failed: {type(err).__name__}: "
                                     f"{short_error(err)}"))
         m.jobs.clear()
         try:

@@ -220,9 +220,9 @@ class _Worker:
             try:
                 self._do(job)
             except EngineError as e:
-                job.out.put(e)
+                job.put(e)
             except Exception as e:           # never let one request kill the thread
-                job.out.put(EngineError(f"vision generation failed: {type(e).__name__}: "
+                job.put(EngineError(f"vision generation failed: {type(e).__name__}: "
                                         f"{short_error(e)}"))
 
     def _next_expiry(self):
@@ -279,14 +279,14 @@ class _Worker:
         if job.kind == "unload":
             with self.cv:
                 self._unload(info.id)
-            job.out.put(Chunk(done=True, finish_reason="unload"))
+            job.put(Chunk(done=True, finish_reason="unload"))
             return
         loaded_now = info.id not in self.models
         m = self._get(info)
         job.load_seconds = m.load_seconds if loaded_now else 0.0
         m.touch(job.req.keep_alive)
         if job.kind == "load":
-            job.out.put(Chunk(done=True, finish_reason="load",
+            job.put(Chunk(done=True, finish_reason="load",
                               load_seconds=job.load_seconds))
             return
         m.busy = True
@@ -311,7 +311,7 @@ class _Worker:
                            param="messages" if req.messages is not None else "prompt")
         max_tokens = min(req.max_tokens, ctx - n_prompt)
         self.counters["requests"] += 1
-        job.out.put(_PREPARED)
+        job.put(_PREPARED)
 
         import copy
         from mlx_vlm.generate import PromptCacheState, stream_generate
@@ -384,7 +384,7 @@ class _Worker:
             if hit:
                 reason = "stop"
             job.emit(text)
-        job.out.put(done_chunk(reason, prompt_tokens=n_prompt, completion_tokens=n_out,
+        job.put(done_chunk(reason, prompt_tokens=n_prompt, completion_tokens=n_out,
                                cached_tokens=cached, load_seconds=job.load_seconds,
                                t_admit=t_admit, t_first=t_first))
 
