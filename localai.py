@@ -110,7 +110,7 @@ LINGER_BYTES = 1024 * 1024           # ...or this much (Apache's lingering close
 READ_CHUNK = 64 * 1024               # socket read size
 PIPELINE_BUFFER = 64 * 1024          # bytes read ahead while a handler runs
 BRIDGE_THREADS = 64                  # threads waiting on engines (engines bound their own work)
-STREAM_BUFFER_ITEMS = 64             # engine output waiting for a slow client (then the engine waits)
+STREAM_BUFFER_ITEMS = 64             # output of a thread-driven stream (TTS, vision) waiting for a slow client
 
 KIB, MIB = 1024, 1024 * 1024
 BODY_SMALL = 64 * KIB                # control routes (brightness, show)
