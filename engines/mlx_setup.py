@@ -59,14 +59,14 @@ Result (engine in-process, greedy, quiet 2-core machine): decode ~10 tok/s (mlx-
 -> ~210 tok/s (a step of ~4.8-5.5 ms, two thirds of it quantized products bound by
 memory bandwidth, the rest MLX's graph scheduling), 1000-token prefill 12.5 -> ~540
 tok/s (OpenBLAS's products, the rest mostly attention), a 26-token prompt ~28 ms.
-A batch of 4 takes ~8-10 ms a step (~5.8 ms of products) and of 8 ~15 ms (~8.5
-ms): what grows per row is arithmetic
-(the quantized products are bound by multiply-adds, ~60-65% of AVX-512 peak at 4
-rows), attention's small products (MLX calls BLAS once per sequence and kv head),
-and three busy threads (MLX's stream, the shim's helper, Python building the next
-step) sharing two cores. Measured inside a step, the products take 25-45% longer
-than the same products run back to back in C (MLX's work between them, the other
-threads); four prompts prefilled together cost four times one.
+A batch of 4 takes ~8-10 ms a step (~5.8 ms of products) and of 8 ~15 ms (~8.5 ms):
+what grows per row is arithmetic (the quantized products are bound by multiply-adds,
+~60-65% of AVX-512 peak at 4 rows), attention's small products (MLX calls BLAS once
+per sequence and kv head), and three busy threads (MLX's stream, the shim's helper,
+Python building the next step) sharing two cores. Measured inside a step, the
+products take 25-45% longer than the same products run back to back in C (MLX's
+work between them, the other threads); four prompts prefilled together cost four
+times one.
 
 Switches (environment, or the same-named lower-case attribute on the config):
     LOCALAI_MLX_BLAS        auto (shim if a C compiler exists, else OpenBLAS) |
