@@ -28,6 +28,8 @@ Between every decode step the scheduler checks each request's ``cancel`` event a
 drops cancelled requests from the batch; queued requests whose cancel is set are
 discarded without running. Prompt processing runs in slices of PREFILL_STEP tokens,
 so cancellation and other requests' decoding also get a turn during a long prompt.
+Prompts computed together are padded to the longest, so admitted requests wait
+(``_feed``) until they can join prompts of about their length, shortest first.
 
 Prompt-prefix cache: when a request finishes, its KV cache (prompt + answer) is
 stored in an LRU trie (mlx-lm's ``LRUPromptCache``); the system-prompt prefix of a
@@ -155,6 +157,13 @@ PREFILL_STEP = 256
 # prefilled together (one pass over the weights for all their prompt rows, no
 # later merge of batches). A lone request never waits.
 ADMIT_WINDOW = 0.01
+# Prompts prefilled together are padded to the longest: only prompts whose lengths
+# differ by at most PREFILL_GROUP_SLACK tokens or PREFILL_GROUP_FRACTION of the
+# shortest are, shortest first (see _feed). Four chats of 43, 94, 196 and 454 tokens
+# sent at once were padded to 4 x 454 rows: every first token came after 2.1-2.5 s,
+# and the four took as long as one after another.
+PREFILL_GROUP_SLACK = 16
+PREFILL_GROUP_FRACTION = 0.25
 # Prompt-prefix cache per model: sequences kept, and their total KV bytes.
 PROMPT_CACHE_ENTRIES = 16
 PROMPT_CACHE_BYTES = 1 << 30
@@ -399,7 +408,7 @@ class Job:
 class _Job(Job):
     __slots__ = ("info", "prompt", "sys_len", "max_tokens", "stop", "uid", "det",
                  "n_out", "t_submit", "t_admit", "t_first", "cached", "eos",
-                 "finished", "loaded")
+                 "finished", "loaded", "insert", "prefill")
 
     def __init__(self, req, kind="generate", cancel=None):
         super().__init__(req, kind, cancel)
@@ -415,6 +424,8 @@ class _Job(Job):
         self.eos = set()
         self.finished = False
         self.loaded = None
+        self.insert = None              # mlx-lm's insert arguments, until _feed
+        self.prefill = 0                # prompt tokens to compute (after the cache)
 
     def close(self):
         if not self.closed.is_set():
@@ -625,8 +636,13 @@ class _Loaded(Resident):
         super().__init__(info, load_seconds)
         self.model, self.tok = model, tok
         self.gen = None
-        self.jobs = {}             # uid -> _Job
+        self.jobs = {}             # uid -> _Job, in the batch
+        self.waiting = []          # admitted jobs not yet in the batch (see _feed)
+        self.prefilling = {}       # uid -> its prompt tokens still to compute
         self.prompt_cache = None
+
+    def active(self):
+        return len(self.jobs) + len(self.waiting)
 
 
 # What _batch_step uses of mlx-lm's GenerationBatch (0.32); another layout keeps
@@ -716,7 +732,7 @@ class _Scheduler:
                 arrival.live = False
                 self.n_arriving -= 1
             waiting = sum(1 for j in self.pending if not j.cancelled())
-            active = sum(len(m.jobs) for m in self.models.values())
+            active = sum(m.active() for m in self.models.values())
             if not control and waiting + active >= MAX_BATCH + MAX_QUEUE:
                 self.counters["busy_rejections"] += 1
                 raise Busy(f"the language engine is busy ({active} generating, "
@@ -738,7 +754,7 @@ class _Scheduler:
 
     def snapshot(self):
         with self.cv:
-            return [m.ps_entry(len(m.jobs),
+            return [m.ps_entry(m.active(),
                                sum(1 for j in self.pending
                                    if j.info.id == m.info.id and not j.cancelled()),
                                self.counters, max_batch=MAX_BATCH, max_queue=MAX_QUEUE,
@@ -761,22 +777,24 @@ class _Scheduler:
                     self.counters["peak_admitted"] = n     # prefilled together
                 for job in admit:
                     self._admit(job)
-                busy = [m for m in self.models.values() if m.jobs]
+                busy = [m for m in self.models.values() if m.active()]
                 for m in busy:
                     self._step(m)
                 self._reap()
             except Exception as e:     # a bug here must not hang every client
                 log.exception("language engine step failed")
                 for m in list(self.models.values()):
-                    if m.jobs:
+                    if m.active():
                         self._engine_failed(m, e)
                 for job in admit:
                     if job.uid is None:
                         job.put(EngineFailure(f"generation failed: {type(e).__name__}"))
+                        for m in self.models.values():
+                            m.waiting = [j for j in m.waiting if j is not job]
         stop = Unavailable("the server is shutting down")
         with self.cv:
             jobs = list(self.pending) + [j for m in self.models.values()
-                                         for j in m.jobs.values()]
+                                         for j in [*m.jobs.values(), *m.waiting]]
             self.pending.clear()
         for job in jobs:
             job.put(stop)
@@ -793,7 +811,7 @@ class _Scheduler:
         with self.cv:
             while True:
                 self._drop_cancelled_pending()
-                active = sum(len(m.jobs) for m in self.models.values())
+                active = sum(m.active() for m in self.models.values())
                 if self.pending and (active < MAX_BATCH
                                      or self.pending[0].kind != "generate"):
                     break
@@ -830,12 +848,12 @@ class _Scheduler:
             self.pending = keep
 
     def _next_expiry(self):
-        return next_expiry(m for m in self.models.values() if not m.jobs)
+        return next_expiry(m for m in self.models.values() if not m.active())
 
     def _expired(self):
         """Ids of idle models past their keep-alive (or with keep_alive 0)."""
         now = time.time()
-        return [mid for mid, m in self.models.items() if not m.jobs and m.expired(now)]
+        return [mid for mid, m in self.models.items() if not m.active() and m.expired(now)]
 
     def _unload(self, mid):
         with self.cv:
@@ -863,7 +881,7 @@ class _Scheduler:
         if m is not None:
             return m
         if len(self.models) >= MAX_LOADED:
-            idle = sorted((x for x in self.models.values() if not x.jobs),
+            idle = sorted((x for x in self.models.values() if not x.active()),
                           key=lambda x: x.last_used)
             if idle:
                 self._unload(idle[0].info.id)
@@ -962,19 +980,49 @@ class _Scheduler:
             None, req.repetition_penalty if n_last else None, n_last,
             (req.presence_penalty or None) if n_last else None, n_last,
             (req.frequency_penalty or None) if n_last else None, n_last)
-        (uid,) = m.gen.insert_segments(
-            segments=[segments], max_tokens=[job.max_tokens], caches=[cache],
-            all_tokens=[prompt[:job.cached]], samplers=[make_sampler(req)],
-            logits_processors=[procs],
-            stop_sequences=[StopSequences([[t] for t in job.eos])])
-        job.uid = uid
+        job.insert = dict(segments=segments, max_tokens=job.max_tokens, caches=cache,
+                          all_tokens=prompt[:job.cached], samplers=make_sampler(req),
+                          logits_processors=procs,
+                          stop_sequences=StopSequences([[t] for t in job.eos]))
+        job.prefill = len(rest)
         job.det = m.tok.detokenizer
         job.t_admit = time.perf_counter()
         job.loaded = (m, seg_types)
-        m.jobs[uid] = job
+        m.waiting.append(job)
         self.counters["requests"] += 1
         self.counters["cached_tokens"] += job.cached
         self.counters["prompt_tokens_computed"] += len(rest)
+
+    def _feed(self, m):
+        """Move waiting jobs into the batch, so that prompts prefilled together
+        have about the same length (mlx-lm pads them all to the longest).
+        When no prompt is being computed: the shortest waiting prompt and those
+        within PREFILL_GROUP_SLACK/FRACTION of it. While a prompt still needs
+        more than one PREFILL_STEP slice: everyone waiting, each padded to at most
+        one slice instead of waiting for all of its slices. During a prompt's
+        last slice: nobody (the next step starts the next group)."""
+        if not m.waiting:
+            return
+        left = max(m.prefilling.values(), default=0)     # 1: only the last token
+        if 1 < left <= PREFILL_STEP + 1:
+            return
+        group = m.waiting
+        if left <= 1:
+            group = sorted(m.waiting, key=lambda j: j.prefill)
+            limit = group[0].prefill + max(PREFILL_GROUP_SLACK,
+                                           PREFILL_GROUP_FRACTION * group[0].prefill)
+            group = [j for j in group if j.prefill <= limit]
+        m.waiting = [j for j in m.waiting if j not in group]
+        for job in group:       # all in mlx-lm's queue before its next step takes them
+            try:
+                (job.uid,) = m.gen.insert_segments(**{k: [v] for k, v in job.insert.items()})
+            except Exception as e:  # a broken request must not take the batch down
+                self.counters["engine_failures"] += 1
+                job.put(EngineFailure(f"generation failed: {type(e).__name__}"))
+                continue
+            job.insert = None
+            m.jobs[job.uid] = job
+            m.prefilling[job.uid] = job.prefill
 
     # -- one scheduler step for one model ------------------------------------------
     def _step(self, m):
@@ -983,6 +1031,10 @@ class _Scheduler:
         if gone:
             self._remove(m, gone)
             self.counters["cancelled"] += len(gone)
+        if any(j.cancelled() for j in m.waiting):
+            self.counters["cancelled"] += sum(1 for j in m.waiting if j.cancelled())
+            m.waiting = [j for j in m.waiting if not j.cancelled()]
+        self._feed(m)
         if not m.jobs:
             return
         if len(m.jobs) > self.counters["peak_batch"]:
@@ -996,6 +1048,10 @@ class _Scheduler:
             job = m.jobs.get(r.uid)
             if job is None:
                 continue
+            if r.end_of_prompt:
+                m.prefilling.pop(r.uid, None)
+            elif getattr(r, "progress", None):
+                m.prefilling[r.uid] = r.progress[1] - r.progress[0]
             seg_types = job.loaded[1]
             if r.end_of_segment and not r.end_of_prompt and seg_types:
                 kind = seg_types.pop()
@@ -1013,6 +1069,7 @@ class _Scheduler:
             for j in finished:
                 j.finished = True
                 m.jobs.pop(j.uid, None)
+                m.prefilling.pop(j.uid, None)
             # those stopped by a stop string are still in the batch: take them out
             if live:
                 caches = m.gen.remove(live, return_prompt_caches=True)
@@ -1064,6 +1121,7 @@ class _Scheduler:
     def _remove(self, m, uids):
         for uid in uids:
             m.jobs.pop(uid, None)
+            m.prefilling.pop(uid, None)
         try:
             m.gen.remove(uids)
         except Exception as e:
@@ -1076,6 +1134,7 @@ class _Scheduler:
             job.put(EngineFailure(f"generation failed: {type(err).__name__}: "
                                     f"{short_error(err)}"))
         m.jobs.clear()
+        m.prefilling.clear()
         try:
             self._new_batch(m)
         except Exception:

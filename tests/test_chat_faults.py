@@ -263,6 +263,47 @@ def test_engine_failure_mid_generation_is_clean_and_the_next_request_works(model
     assert llm.stats()["engine_failures"] == 1
 
 
+def test_request_the_batch_refuses_fails_alone(models_dir, monkeypatch):
+    """In-process: a request that mlx-lm's batch refuses when it is put in fails with
+    EngineFailure; the request admitted with it still gets its normal answer."""
+    import threading
+    from mlx_lm.generate import BatchGenerator
+    from engines import llm
+    from engines.catalog import Catalog
+    info = Catalog(models_dir).resolve(MODEL)
+
+    def run(prompt):
+        return "".join(c.text for c in llm.generate(llm.GenRequest(
+            model=info, prompt=prompt, max_tokens=6, temperature=0), arrival=arrivals[prompt]))
+    arrivals = {COUNTING: None}
+    good = run(COUNTING)
+    real_insert = BatchGenerator.insert_segments
+    refused = llm._tokenizer(info).encode("Hi", add_special_tokens=False)
+
+    def insert(self, segments, *a, **kw):
+        if segments[0][-1] in (refused, refused[-1:]):
+            raise ValueError("refused")
+        return real_insert(self, segments, *a, **kw)
+    monkeypatch.setattr(BatchGenerator, "insert_segments", insert)
+    monkeypatch.setattr(llm, "ADMIT_WINDOW", 5.0)          # both are admitted at once
+    before = llm.stats()["engine_failures"]
+    arrivals = {p: llm.expect() for p in (COUNTING, "Hi")}
+    out = {}
+
+    def worker(p):
+        try:
+            out[p] = run(p)
+        except llm.EngineFailure as e:
+            out[p] = e
+    threads = [threading.Thread(target=worker, args=(p,)) for p in arrivals]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(out["Hi"], llm.EngineFailure) and out[COUNTING] == good
+    assert llm.stats()["engine_failures"] == before + 1
+
+
 def test_concurrent_requests_share_one_batch(models_dir):
     """In-process: four simultaneous requests are decoded together (one batch of
     four), each gets its own complete answer, and a seeded one is unaffected by

@@ -1,6 +1,7 @@
 """The batched decoder gives each request the tokens it would get alone (issue 8:
 outputs stay the same while concurrent requests share one batch)."""
 import threading
+import time
 
 MODEL = "smollm2-135m-instruct"
 
@@ -157,3 +158,65 @@ def test_delivered_stream_matches_the_iterated_one(models_dir):
     assert "".join(c.text for c in got) == "".join(c.text for c in iterated)
     assert got[-1].completion_tokens == iterated[-1].completion_tokens == 12
     stream.close()
+
+
+def test_prompts_of_different_lengths_are_prefilled_shortest_first(models_dir, monkeypatch):
+    """A short and a ~1000-token prompt admitted together: the short one is
+    prefilled on its own, first, and starts answering while the long one is still
+    being computed (mlx-lm pads prompts prefilled together to the longest, so both
+    answers would start only after 2 x 1000 rows); they still decode in one batch,
+    and each gets the answer it gets alone."""
+    from mlx_lm.generate import PromptProcessingBatch
+    from engines import llm
+    from engines.catalog import Catalog
+    info = Catalog(models_dir).resolve(MODEL)
+    filler = "The history of the city is long and full of small events. " * 80
+    prompts = {"short": "1, 2, 3, 4,", "long": filler + "1, 2, 3, 4,"}
+
+    def run(prompt, marks=None, arrival=None):
+        text = ""
+        for c in llm.generate(llm.GenRequest(model=info, prompt=prompt, max_tokens=12,
+                                             temperature=0), arrival=arrival):
+            if c.text and marks is not None and not marks:
+                marks.append(time.perf_counter())
+            text += c.text
+        assert c.done and c.cached_tokens == 0       # the whole prompt was computed
+        return text
+
+    def forget_prompts():
+        m = llm._SCHED and llm._SCHED.models.get(info.id)
+        if m:
+            m.prompt_cache.trim_to(n_sequences=0)
+    alone = {}
+    for k, p in prompts.items():
+        forget_prompts()
+        alone[k] = run(p)
+    forget_prompts()
+    assert llm.count_tokens(info, prompts["long"]) > 900
+    # every prefill pass: the lengths of the prompt slices it computes together
+    passes = []
+    real_prompt = PromptProcessingBatch.prompt
+
+    def spy(self, tokens):
+        passes.append(sorted(len(t) for t in tokens))
+        return real_prompt(self, tokens)
+    monkeypatch.setattr(PromptProcessingBatch, "prompt", spy)
+    monkeypatch.setattr(llm, "ADMIT_WINDOW", 5.0)   # both are admitted at once
+    llm._SCHED.counters["peak_batch"] = 0
+    llm._SCHED.counters["peak_admitted"] = 0
+    arrivals = {k: llm.expect() for k in prompts}
+    out, first = {}, {"short": [], "long": []}
+
+    def worker(k):
+        out[k] = run(prompts[k], first[k], arrivals[k])
+    threads = [threading.Thread(target=worker, args=(k,)) for k in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == alone
+    assert llm.stats()["peak_admitted"] == 2
+    assert [p for p in passes if len(p) > 1] == []            # never padded together
+    assert passes[0] == [llm.count_tokens(info, prompts["short"]) - 1]
+    assert first["short"][0] < first["long"][0]
+    assert llm.stats()["peak_batch"] == 2
