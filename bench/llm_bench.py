@@ -17,8 +17,10 @@ process, one after another, so none inherits another's BLAS preload or warm cach
   llama.cpp       llama_cpp.Llama on the GGUF (only if llama_cpp is importable)
 
 Figures: decode tok/s (one stream, after the first token), prefill tok/s and time to
-first token for a ~1000-token prompt, time to first token for a short prompt, and
-aggregate completion tok/s with 1, 4 and 8 concurrent streams. The reference paths
+first token for a ~1000-token prompt, time to first token for a short prompt,
+aggregate completion tok/s with 1, 4 and 8 concurrent streams, and (our engine and
+server) seconds for four streams whose prompts differ in length, sent together and
+one after another. The reference paths
 are slow on a CPU (about 7 tok/s decode, 14 tok/s prefill), so they decode fewer
 tokens (--ref-tokens); rates are per token, so the comparison stays fair.
 Each aggregate figure is the median of AGG_ROUNDS runs, interleaved across the stream
@@ -48,6 +50,8 @@ FILLER = ("The history of the city is long and full of small events that nobody 
 RESULT = "BENCH-RESULT "
 # Runs behind each aggregate figure (the median is reported).
 AGG_ROUNDS = 3
+# Prompt lengths (tokens) of the four streams in the mixed-lengths figure.
+MIXED_PROMPT_TOKENS = (40, 100, 200, 450)
 
 
 # --- prompts ---------------------------------------------------------------------------
@@ -143,6 +147,7 @@ def worker_engine(args):
     res["short"] = one("Hello! How are you today?", 1)
     res["long"] = one(long_prompt(tok, args.prompt_tokens, "engine"), 1)
     res["streams"] = aggregates(args.streams, one, args.tokens)
+    res["mixed"] = mixed_lengths(one, tok, args.tokens)
     return res
 
 
@@ -175,6 +180,35 @@ def aggregates(ns, one, tokens):
         for n in ns:
             runs[n].append(together(n, tokens, 1000 * (r + 1)))
     return {str(n): statistics.median(v) for n, v in runs.items()}
+
+
+def mixed_lengths(one, tok, tokens):
+    """Seconds for four streams of `tokens` each whose prompts differ in length
+    (MIXED_PROMPT_TOKENS), sent at the same moment and one after another: the
+    medians of AGG_ROUNDS runs, new prompts every run. Prompts are compute-bound,
+    so together can win only what batched decoding saves, and loses whatever the
+    engine pads."""
+    together, apart = [], []
+    for r in range(AGG_ROUNDS):
+        t0 = time.perf_counter()
+        for n in MIXED_PROMPT_TOKENS:
+            one(long_prompt(tok, n, f"apart{r}-{n}"), tokens)
+        apart.append(time.perf_counter() - t0)
+        ps = [long_prompt(tok, n, f"together{r}-{n}") for n in MIXED_PROMPT_TOKENS]
+        start = threading.Barrier(len(ps) + 1)
+
+        def run(p):
+            start.wait()
+            one(p, tokens)
+        ths = [threading.Thread(target=run, args=(p,)) for p in ps]
+        for t in ths:
+            t.start()
+        t0 = time.perf_counter()
+        start.wait()
+        for t in ths:
+            t.join()
+        together.append(time.perf_counter() - t0)
+    return {"together": statistics.median(together), "apart": statistics.median(apart)}
 
 
 def worker_llama(args):
@@ -249,6 +283,9 @@ def http_suite(port, model, args, tok, n_tokens, streams, salt, long=True):
         res["long"] = sse_completion(port, model, long_prompt(tok, args.prompt_tokens, salt), 1)
     res["streams"] = aggregates(
         streams, lambda prompt, k: sse_completion(port, model, prompt, k), n_tokens)
+    if long:
+        res["mixed"] = mixed_lengths(
+            lambda prompt, k: sse_completion(port, model, prompt, k), tok, n_tokens)
     return res
 
 
@@ -377,6 +414,9 @@ def report(results, args):
             ("TTFT ms, short prompt", ("short", "ttft"), "ms")]
     rows += [(f"aggregate tok/s, {n} stream{'s' if n > 1 else ''}", ("streams", str(n)), "")
              for n in args.streams]
+    mixed = "-".join(str(n) for n in (MIXED_PROMPT_TOKENS[0], MIXED_PROMPT_TOKENS[-1]))
+    rows += [(f"s, 4 prompts {mixed} tok, together", ("mixed", "together"), ""),
+             (f"s, 4 prompts {mixed} tok, in a row", ("mixed", "apart"), "")]
     w = 34
     print("\n" + "figure".ljust(w) + "".join(c.rjust(14) for c in cols))
     for label, path, unit in rows:
@@ -400,6 +440,9 @@ def report(results, args):
             if n > 1:
                 ratio(f"{ours} {n} streams / 1 stream (aggregate)", g(ours, "streams", str(n)),
                       g(ours, "streams", "1"), 2.5 if n == 4 else None)
+    for ours in ("ours-engine", "ours-http"):
+        ratio(f"{ours} mixed prompt lengths: in a row / together",
+              g(ours, "mixed", "apart"), g(ours, "mixed", "together"))
     ratio("decode  ours-http / ours-engine", g("ours-http", "decode", "decode_tps"),
           g("ours-engine", "decode", "decode_tps"), 0.97)
     ratio("decode  ours-http / mlx-lm stream_generate", g("ours-http", "decode", "decode_tps"),
