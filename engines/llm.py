@@ -164,6 +164,9 @@ ADMIT_WINDOW = 0.01
 # and the four took as long as one after another.
 PREFILL_GROUP_SLACK = 16
 PREFILL_GROUP_FRACTION = 0.25
+# ...unless a request has waited this long (seconds): its group goes next, so a
+# long prompt is not passed over for ever by a stream of short ones.
+PREFILL_GROUP_MAX_WAIT = 2.0
 # Prompt-prefix cache per model: sequences kept, and their total KV bytes.
 PROMPT_CACHE_ENTRIES = 16
 PROMPT_CACHE_BYTES = 1 << 30
@@ -996,11 +999,12 @@ class _Scheduler:
     def _feed(self, m):
         """Move waiting jobs into the batch, so that prompts prefilled together
         have about the same length (mlx-lm pads them all to the longest).
-        When no prompt is being computed: the shortest waiting prompt and those
-        within PREFILL_GROUP_SLACK/FRACTION of it. While a prompt still needs
-        more than one PREFILL_STEP slice: everyone waiting, each padded to at most
-        one slice instead of waiting for all of its slices. During a prompt's
-        last slice: nobody (the next step starts the next group)."""
+        When no prompt is being computed: the shortest waiting prompt (or, once
+        one has waited PREFILL_GROUP_MAX_WAIT, the longest-waiting one) and those
+        within PREFILL_GROUP_SLACK/FRACTION of its length. While a prompt still
+        needs more than one PREFILL_STEP slice: everyone waiting, each padded to
+        at most one slice instead of waiting for all of its slices. During a
+        prompt's last slice: nobody (the next step starts the next group)."""
         if not m.waiting:
             return
         left = max(m.prefilling.values(), default=0)     # 1: only the last token
@@ -1008,10 +1012,11 @@ class _Scheduler:
             return
         group = m.waiting
         if left <= 1:
-            group = sorted(m.waiting, key=lambda j: j.prefill)
-            limit = group[0].prefill + max(PREFILL_GROUP_SLACK,
-                                           PREFILL_GROUP_FRACTION * group[0].prefill)
-            group = [j for j in group if j.prefill <= limit]
+            first = min(m.waiting, key=lambda j: j.t_admit)
+            if time.perf_counter() - first.t_admit < PREFILL_GROUP_MAX_WAIT:
+                first = min(m.waiting, key=lambda j: j.prefill)
+            near = max(PREFILL_GROUP_SLACK, PREFILL_GROUP_FRACTION * first.prefill)
+            group = [j for j in m.waiting if abs(j.prefill - first.prefill) <= near]
         m.waiting = [j for j in m.waiting if j not in group]
         for job in group:       # all in mlx-lm's queue before its next step takes them
             try:

@@ -220,3 +220,49 @@ def test_prompts_of_different_lengths_are_prefilled_shortest_first(models_dir, m
     assert passes[0] == [llm.count_tokens(info, prompts["short"]) - 1]
     assert first["short"][0] < first["long"][0]
     assert llm.stats()["peak_batch"] == 2
+
+
+def test_a_request_that_waited_long_enough_goes_first(models_dir, monkeypatch):
+    """Shortest first has a limit: once a request has waited PREFILL_GROUP_MAX_WAIT
+    (0 here), the longest-waiting one is prefilled next, so a long prompt is not
+    passed over for ever by short ones. The short one, arriving while the long one
+    still has slices to go, joins it (padded to one slice) instead of waiting."""
+    from mlx_lm.generate import PromptProcessingBatch
+    from engines import llm
+    from engines.catalog import Catalog
+    info = Catalog(models_dir).resolve(MODEL)
+    prompts = {"long": "The history of the city is long. " * 120 + "1, 2, 3,", "short": "1, 2,"}
+    m = llm._SCHED and llm._SCHED.models.get(info.id)
+    if m:
+        m.prompt_cache.trim_to(n_sequences=0)     # nothing of either prompt is cached
+    passes = []
+    real_prompt = PromptProcessingBatch.prompt
+
+    def spy(self, tokens):
+        passes.append(sorted(len(t) for t in tokens))
+        return real_prompt(self, tokens)
+    monkeypatch.setattr(PromptProcessingBatch, "prompt", spy)
+    monkeypatch.setattr(llm, "ADMIT_WINDOW", 5.0)
+    monkeypatch.setattr(llm, "PREFILL_GROUP_MAX_WAIT", 0.0)
+    arrivals = {k: llm.expect() for k in prompts}
+    out = {}
+
+    def worker(k):
+        out[k] = "".join(c.text for c in llm.generate(llm.GenRequest(
+            model=info, prompt=prompts[k], max_tokens=4, temperature=0), arrival=arrivals[k]))
+    threads = [threading.Thread(target=worker, args=(k,)) for k in prompts]
+    llm.count_tokens(info, "")                      # the tokenizer is loaded
+    threads[0].start()
+    deadline = time.monotonic() + 30                # the long one is queued first
+
+    def queued():
+        with llm._SCHED.cv:
+            return any(j.req.prompt == prompts["long"] for j in llm._SCHED.pending)
+    while not (llm._SCHED and queued()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    threads[1].start()
+    for t in threads:
+        t.join()
+    assert passes[0] == [256] and passes[1] == [llm.count_tokens(info, prompts['short']) - 1, 256]
+    assert all(out.values())
