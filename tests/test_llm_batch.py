@@ -160,13 +160,34 @@ def test_delivered_stream_matches_the_iterated_one(models_dir):
     stream.close()
 
 
+def forget_prompts(llm, info):
+    """Empty the model's prompt cache (if it is loaded): every prompt is computed."""
+    m = llm._SCHED and llm._SCHED.models.get(info.id)
+    if m:
+        m.prompt_cache.trim_to(n_sequences=0)
+
+
+def spy_prefill_passes(monkeypatch):
+    """The lengths of the prompt slices of every prefill pass mlx-lm's batch makes
+    (sorted), appended to the returned list; requests admitted together from now on."""
+    from mlx_lm.generate import PromptProcessingBatch
+    from engines import llm
+    passes, real_prompt = [], PromptProcessingBatch.prompt
+
+    def spy(self, tokens):
+        passes.append(sorted(len(t) for t in tokens))
+        return real_prompt(self, tokens)
+    monkeypatch.setattr(PromptProcessingBatch, "prompt", spy)
+    monkeypatch.setattr(llm, "ADMIT_WINDOW", 5.0)
+    return passes
+
+
 def test_prompts_of_different_lengths_are_prefilled_shortest_first(models_dir, monkeypatch):
     """A short and a ~1000-token prompt admitted together: the short one is
     prefilled on its own, first, and starts answering while the long one is still
     being computed (mlx-lm pads prompts prefilled together to the longest, so both
     answers would start only after 2 x 1000 rows); they still decode in one batch,
     and each gets the answer it gets alone."""
-    from mlx_lm.generate import PromptProcessingBatch
     from engines import llm
     from engines.catalog import Catalog
     info = Catalog(models_dir).resolve(MODEL)
@@ -183,25 +204,13 @@ def test_prompts_of_different_lengths_are_prefilled_shortest_first(models_dir, m
         assert c.done and c.cached_tokens == 0       # the whole prompt was computed
         return text
 
-    def forget_prompts():
-        m = llm._SCHED and llm._SCHED.models.get(info.id)
-        if m:
-            m.prompt_cache.trim_to(n_sequences=0)
     alone = {}
     for k, p in prompts.items():
-        forget_prompts()
+        forget_prompts(llm, info)
         alone[k] = run(p)
-    forget_prompts()
+    forget_prompts(llm, info)
     assert llm.count_tokens(info, prompts["long"]) > 900
-    # every prefill pass: the lengths of the prompt slices it computes together
-    passes = []
-    real_prompt = PromptProcessingBatch.prompt
-
-    def spy(self, tokens):
-        passes.append(sorted(len(t) for t in tokens))
-        return real_prompt(self, tokens)
-    monkeypatch.setattr(PromptProcessingBatch, "prompt", spy)
-    monkeypatch.setattr(llm, "ADMIT_WINDOW", 5.0)   # both are admitted at once
+    passes = spy_prefill_passes(monkeypatch)
     llm._SCHED.counters["peak_batch"] = 0
     llm._SCHED.counters["peak_admitted"] = 0
     arrivals = {k: llm.expect() for k in prompts}
@@ -227,22 +236,12 @@ def test_a_request_that_waited_long_enough_goes_first(models_dir, monkeypatch):
     (0 here), the longest-waiting one is prefilled next, so a long prompt is not
     passed over for ever by short ones. The short one, arriving while the long one
     still has slices to go, joins it (padded to one slice) instead of waiting."""
-    from mlx_lm.generate import PromptProcessingBatch
     from engines import llm
     from engines.catalog import Catalog
     info = Catalog(models_dir).resolve(MODEL)
     prompts = {"long": "The history of the city is long. " * 120 + "1, 2, 3,", "short": "1, 2,"}
-    m = llm._SCHED and llm._SCHED.models.get(info.id)
-    if m:
-        m.prompt_cache.trim_to(n_sequences=0)     # nothing of either prompt is cached
-    passes = []
-    real_prompt = PromptProcessingBatch.prompt
-
-    def spy(self, tokens):
-        passes.append(sorted(len(t) for t in tokens))
-        return real_prompt(self, tokens)
-    monkeypatch.setattr(PromptProcessingBatch, "prompt", spy)
-    monkeypatch.setattr(llm, "ADMIT_WINDOW", 5.0)
+    forget_prompts(llm, info)
+    passes = spy_prefill_passes(monkeypatch)
     monkeypatch.setattr(llm, "PREFILL_GROUP_MAX_WAIT", 0.0)
     arrivals = {k: llm.expect() for k in prompts}
     out = {}
