@@ -1007,6 +1007,7 @@ class _Scheduler:
         prompt's last slice: nobody (the next step starts the next group)."""
         if not m.waiting:
             return
+        m.prefilling = {u: n for u, n in m.prefilling.items() if u in m.jobs}
         left = max(m.prefilling.values(), default=0)     # 1: only the last token
         if 1 < left <= PREFILL_STEP + 1:
             return
