@@ -14,6 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# MLX's BLAS is chosen before mlx is first imported (localai.py does this at start).
+# Test modules import mlx_vlm (hence mlx) when they are collected, so without this the
+# in-process engine tests ran on the wheel's reference BLAS: 10x slower, and not the
+# configuration the server runs.
+from engines import mlx_setup  # noqa: E402
+mlx_setup.configure()
+
 
 class Server:
     """A running `python localai.py` on 127.0.0.1 and a free port."""
