@@ -263,5 +263,6 @@ def test_a_request_that_waited_long_enough_goes_first(models_dir, monkeypatch):
     threads[1].start()
     for t in threads:
         t.join()
-    assert passes[0] == [256] and passes[1] == [llm.count_tokens(info, prompts['short']) - 1, 256]
+    step = llm.PREFILL_STEP
+    assert passes[0] == [step] and passes[1] == [llm.count_tokens(info, prompts["short"]) - 1, step]
     assert all(out.values())
