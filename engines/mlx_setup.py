@@ -41,12 +41,14 @@ shared/DESIGN.md section 5 and bench/llm_bench.py):
    scale and bias per group, 115 MB for SmolLM2) and computes products of up to 128
    rows from it (decoding, short prompts: OpenBLAS's sgemm packs all 4 bytes of every
    weight, which dominates below a few hundred rows), keyed by the float32 matrix's
-   address range (register_quantized); longer prompts use OpenBLAS on the float32
-   copy. The 576x49152 8-bit head: 3.7 -> 1.1 ms at M=1 (bench/quant_bench.py); a
-   26-token prompt's products 69 -> 20 ms. The twins live in 2 MB-aligned chunks
-   advised for transparent huge pages (fewer TLB misses, prefetches not stopped at
-   every 4 KB page: a decode step ~4% faster) and are freed with the model
-   (release()).
+   address range (register_quantized); bigger products (several prompts computed
+   together; above 32 rows without AVX-512) use OpenBLAS on the float32 copy. The
+   language engine computes a prompt in slices of 128 tokens (llm.PREFILL_STEP),
+   which stay on the twins. The 576x49152 8-bit head: 3.7 -> 1.1 ms at M=1
+   (bench/quant_bench.py); a 26-token prompt's products 69 -> 20 ms. The twins
+   live in 2 MB-aligned chunks advised for transparent huge pages (fewer TLB
+   misses, prefetches not stopped at every 4 KB page: a decode step ~4% faster) and
+   are freed with the model (release()).
 7. The process around MLX: jemalloc as malloc (allocator_env(): MLX's two threads
    no longer wait on glibc's arena lock, ~900 -> ~450 futex calls a token), and
    MLX's JIT kernels built with -march=native and a vectorized exp (_native_jit()).
@@ -57,8 +59,9 @@ model within float16 rounding (tests/test_mlx_setup.py).
 
 Result (engine in-process, greedy, quiet 2-core machine): decode ~10 tok/s (mlx-lm)
 -> ~210 tok/s (a step of ~4.8-5.5 ms, two thirds of it quantized products bound by
-memory bandwidth, the rest MLX's graph scheduling), 1000-token prefill 12.5 -> ~540
-tok/s (OpenBLAS's products, the rest mostly attention), a 26-token prompt ~28 ms.
+memory bandwidth, the rest MLX's graph scheduling), 1000-token prefill 12.5 -> ~690
+tok/s (slices of 128 rows from the twins, the rest mostly attention), a 26-token
+prompt ~28 ms.
 A batch of 4 takes ~8-10 ms a step (~5.8 ms of products) and of 8 ~15 ms (~8.5 ms):
 what grows per row is arithmetic (the quantized products are bound by multiply-adds,
 ~60-65% of AVX-512 peak at 4 rows), attention's small products (MLX calls BLAS once
