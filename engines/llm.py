@@ -26,8 +26,9 @@ log-softmax over the whole vocabulary per row, ~0.5 ms each on a CPU, then call
 each request's sampler on its own.
 Between every decode step the scheduler checks each request's ``cancel`` event and
 drops cancelled requests from the batch; queued requests whose cancel is set are
-discarded without running. Prompt processing runs in slices of PREFILL_STEP tokens,
-so cancellation and other requests' decoding also get a turn during a long prompt.
+discarded without running. Prompt processing runs in slices of PREFILL_STEP tokens
+(PREFILL_STEP_CPU on a CPU), so cancellation and other requests' decoding also get
+a turn during a long prompt.
 Prompts computed together are padded to the longest, so admitted requests wait
 (``_feed``) until they can join prompts of about their length, shortest first.
 
@@ -151,12 +152,13 @@ DEFAULT_KEEP_ALIVE = 300.0
 MAX_LOADED = max(1, _env_int("LOCALAI_LLM_MAX_LOADED", 2))
 # Prompt tokens processed per scheduler step: small enough that a long prompt
 # does not freeze other users' decoding or delay cancellation for long on a CPU.
-# 128 is also the most rows a product of the CPU engine reads from the quantized
-# weights (mlx_setup's shim, with AVX-512): a 1000-token prompt of SmolLM2 took
-# 1.91-1.97 s in slices of 256 (OpenBLAS on float32 weights, its AVX2 kernels),
-# 1.58-1.64 s in slices of 128, no better in 96 or 64; with OpenBLAS's AVX-512
-# kernels 1.49-1.53 s and 1.44-1.61 s.
-PREFILL_STEP = 128
+PREFILL_STEP = 256
+# On a CPU: 128 is also the most rows a product reads from the quantized weights
+# (mlx_setup's shim, with AVX-512): a 1000-token prompt of SmolLM2 took 1.91-1.97 s
+# in slices of 256 (OpenBLAS on float32 weights, its AVX2 kernels), 1.58-1.64 s in
+# slices of 128, no better in 96 or 64; with OpenBLAS's AVX-512 kernels 1.49-1.53 s
+# and 1.44-1.61 s. (A GPU keeps PREFILL_STEP: its products gain from more rows.)
+PREFILL_STEP_CPU = 128
 # Seconds an idle engine waits, before it starts a new batch, for requests that
 # have arrived but are still being tokenized: requests that come together are
 # prefilled together (one pass over the weights for all their prompt rows, no
@@ -190,6 +192,11 @@ class EngineFailure(RuntimeError):
 # ---------------------------------------------------------------------------
 _setup_lock = threading.Lock()
 _setup_done = False
+
+
+def prefill_step(mx):
+    """Prompt tokens per prefill slice on MLX's default device."""
+    return PREFILL_STEP_CPU if mx.default_device() == mx.cpu else PREFILL_STEP
 
 
 def ensure_mlx():
@@ -924,9 +931,10 @@ class _Scheduler:
     def _new_batch(self, m):
         from mlx_lm.generate import BatchGenerator
         from mlx_lm.models.cache import LRUPromptCache
+        import mlx.core as mx
         m.gen = BatchGenerator(m.model, completion_batch_size=MAX_BATCH,
                                prefill_batch_size=MAX_BATCH,
-                               prefill_step_size=PREFILL_STEP,
+                               prefill_step_size=prefill_step(mx),
                                stop_tokens=[[t] for t in m.tok.eos_token_ids])
         gb = getattr(m.gen, "_generation_batch", None)
         if gb is not None and all(hasattr(gb, a) for a in _STEP_ATTRS):
@@ -1007,14 +1015,14 @@ class _Scheduler:
         When no prompt is being computed: the shortest waiting prompt (or, once
         one has waited PREFILL_GROUP_MAX_WAIT, the longest-waiting one) and those
         within PREFILL_GROUP_SLACK/FRACTION of its length. While a prompt still
-        needs more than one PREFILL_STEP slice: everyone waiting, each padded to
+        needs more than one prefill slice: everyone waiting, each padded to
         at most one slice instead of waiting for all of its slices. During a
         prompt's last slice: nobody (the next step starts the next group)."""
         if not m.waiting:
             return
         m.prefilling = {u: n for u, n in m.prefilling.items() if u in m.jobs}
         left = max(m.prefilling.values(), default=0)     # 1: only the last token
-        if 1 < left <= PREFILL_STEP + 1:
+        if 1 < left <= m.gen.prefill_step_size + 1:
             return
         group = m.waiting
         if left <= 1:

@@ -43,7 +43,7 @@ shared/DESIGN.md section 5 and bench/llm_bench.py):
    weight, which dominates below a few hundred rows), keyed by the float32 matrix's
    address range (register_quantized); bigger products (several prompts computed
    together; above 32 rows without AVX-512) use OpenBLAS on the float32 copy. The
-   language engine computes a prompt in slices of 128 tokens (llm.PREFILL_STEP),
+   language engine computes a prompt in slices of 128 tokens (PREFILL_STEP_CPU),
    which stay on the twins. The 576x49152 8-bit head: 3.7 -> 1.1 ms at M=1
    (bench/quant_bench.py); a 26-token prompt's products 69 -> 20 ms. The twins
    live in 2 MB-aligned chunks advised for transparent huge pages (fewer TLB

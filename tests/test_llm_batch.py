@@ -263,6 +263,6 @@ def test_a_request_that_waited_long_enough_goes_first(models_dir, monkeypatch):
     threads[1].start()
     for t in threads:
         t.join()
-    step = llm.PREFILL_STEP
+    step = llm._SCHED.models[info.id].gen.prefill_step_size
     assert passes[0] == [step] and passes[1] == [llm.count_tokens(info, prompts["short"]) - 1, step]
     assert all(out.values())
