@@ -440,7 +440,7 @@ class _Job(Job):
         self.finished = False
         self.loaded = None
         self.insert = None              # mlx-lm's insert arguments, until _feed
-        self.prefill = 0                # prompt tokens to compute (after the cache)
+        self.prefill = 0                # prompt tokens still to compute (after the cache)
 
     def close(self):
         if not self.closed.is_set():
@@ -653,7 +653,6 @@ class _Loaded(Resident):
         self.gen = None
         self.jobs = {}             # uid -> _Job, in the batch
         self.waiting = []          # admitted jobs not yet in the batch (see _feed)
-        self.prefilling = {}       # uid -> its prompt tokens still to compute
         self.prompt_cache = None
 
     def active(self):
@@ -1020,8 +1019,7 @@ class _Scheduler:
         prompt's last slice: nobody (the next step starts the next group)."""
         if not m.waiting:
             return
-        m.prefilling = {u: n for u, n in m.prefilling.items() if u in m.jobs}
-        left = max(m.prefilling.values(), default=0)     # 1: only the last token
+        left = max((j.prefill for j in m.jobs.values()), default=0)  # 1: the last token
         if 1 < left <= m.gen.prefill_step_size + 1:
             return
         group = m.waiting
@@ -1041,7 +1039,6 @@ class _Scheduler:
                 continue
             job.insert = None
             m.jobs[job.uid] = job
-            m.prefilling[job.uid] = job.prefill
 
     # -- one scheduler step for one model ------------------------------------------
     def _step(self, m):
@@ -1050,9 +1047,9 @@ class _Scheduler:
         if gone:
             self._remove(m, gone)
             self.counters["cancelled"] += len(gone)
-        if any(j.cancelled() for j in m.waiting):
-            self.counters["cancelled"] += sum(1 for j in m.waiting if j.cancelled())
-            m.waiting = [j for j in m.waiting if not j.cancelled()]
+        waiting = [j for j in m.waiting if not j.cancelled()]
+        self.counters["cancelled"] += len(m.waiting) - len(waiting)
+        m.waiting = waiting
         self._feed(m)
         if not m.jobs:
             return
@@ -1068,9 +1065,9 @@ class _Scheduler:
             if job is None:
                 continue
             if r.end_of_prompt:
-                m.prefilling.pop(r.uid, None)
+                job.prefill = 0
             elif getattr(r, "progress", None):
-                m.prefilling[r.uid] = r.progress[1] - r.progress[0]
+                job.prefill = r.progress[1] - r.progress[0]
             seg_types = job.loaded[1]
             if r.end_of_segment and not r.end_of_prompt and seg_types:
                 kind = seg_types.pop()
@@ -1088,7 +1085,6 @@ class _Scheduler:
             for j in finished:
                 j.finished = True
                 m.jobs.pop(j.uid, None)
-                m.prefilling.pop(j.uid, None)
             # those stopped by a stop string are still in the batch: take them out
             if live:
                 caches = m.gen.remove(live, return_prompt_caches=True)
@@ -1140,7 +1136,6 @@ class _Scheduler:
     def _remove(self, m, uids):
         for uid in uids:
             m.jobs.pop(uid, None)
-            m.prefilling.pop(uid, None)
         try:
             m.gen.remove(uids)
         except Exception as e:
@@ -1153,7 +1148,6 @@ class _Scheduler:
             job.put(EngineFailure(f"generation failed: {type(err).__name__}: "
                                     f"{short_error(err)}"))
         m.jobs.clear()
-        m.prefilling.clear()
         try:
             self._new_batch(m)
         except Exception:
