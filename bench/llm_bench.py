@@ -20,9 +20,9 @@ Figures: decode tok/s (one stream, after the first token), prefill tok/s and tim
 first token for a ~1000-token prompt, time to first token for a short prompt,
 aggregate completion tok/s with 1, 4 and 8 concurrent streams, and (our engine and
 server) seconds for four streams whose prompts differ in length, sent together and
-one after another. The reference paths
-are slow on a CPU (about 7 tok/s decode, 14 tok/s prefill), so they decode fewer
-tokens (--ref-tokens); rates are per token, so the comparison stays fair.
+one after another. The reference paths are slow on a CPU (about 7 tok/s decode, 14
+tok/s prefill), so they decode fewer tokens (--ref-tokens); rates are per token, so
+the comparison stays fair.
 Each aggregate figure is the median of AGG_ROUNDS runs, interleaved across the stream
 counts. The machine is shared: run it twice and trust figures that agree.
 """
@@ -151,6 +151,25 @@ def worker_engine(args):
     return res
 
 
+def send_together(one, prompts, tokens):
+    """one(prompt, tokens) for every prompt, each in its own thread, all sent at the
+    same moment: (that moment, their results), once all have finished."""
+    out = [None] * len(prompts)
+    start = threading.Barrier(len(prompts) + 1)
+
+    def run(i):
+        start.wait()
+        out[i] = one(prompts[i], tokens)
+    ths = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in ths:
+        t.start()
+    t0 = time.perf_counter()
+    start.wait()
+    for t in ths:
+        t.join()
+    return t0, out
+
+
 def aggregates(ns, one, tokens):
     """{n: completion tok/s of n concurrent streams of `tokens` each} for n in ns
     (one(prompt, tokens) runs one stream): the median of AGG_ROUNDS runs, the rounds
@@ -159,19 +178,8 @@ def aggregates(ns, one, tokens):
     each n first: the first batch of a new size traces the engine's compiled step
     for that size (once per process)."""
     def together(n, n_tokens, salt):
-        out = [None] * n
-        start = threading.Barrier(n + 1)
-
-        def run(i):
-            start.wait()
-            out[i] = one(decode_prompt(i + 1 + 10 * n + salt), n_tokens)
-        ths = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-        for t in ths:
-            t.start()
-        t0 = time.perf_counter()
-        start.wait()            # all n requests are sent at the same moment
-        for t in ths:
-            t.join()
+        t0, out = send_together(
+            one, [decode_prompt(i + 1 + 10 * n + salt) for i in range(n)], n_tokens)
         return sum(o["completion_tokens"] for o in out) / (max(o["end"] for o in out) - t0)
     for n in ns:
         together(n, 4, 500)
@@ -194,19 +202,9 @@ def mixed_lengths(one, tok, tokens):
         for n in MIXED_PROMPT_TOKENS:
             one(long_prompt(tok, n, f"apart{r}-{n}"), tokens)
         apart.append(time.perf_counter() - t0)
-        ps = [long_prompt(tok, n, f"together{r}-{n}") for n in MIXED_PROMPT_TOKENS]
-        start = threading.Barrier(len(ps) + 1)
-
-        def run(p):
-            start.wait()
-            one(p, tokens)
-        ths = [threading.Thread(target=run, args=(p,)) for p in ps]
-        for t in ths:
-            t.start()
-        t0 = time.perf_counter()
-        start.wait()
-        for t in ths:
-            t.join()
+        t0, _ = send_together(
+            one, [long_prompt(tok, n, f"together{r}-{n}") for n in MIXED_PROMPT_TOKENS],
+            tokens)
         together.append(time.perf_counter() - t0)
     return {"together": statistics.median(together), "apart": statistics.median(apart)}
 
