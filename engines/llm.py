@@ -782,6 +782,7 @@ class _Scheduler:
         except EngineError as e:
             self._fail_all_forever(e)
             return
+        mlx_setup.graph_thread()
         while not self.stopping:
             admit = []
             try:

@@ -30,7 +30,11 @@ shared/DESIGN.md section 5 and bench/llm_bench.py):
    split product wait for a descheduled partner; one thread measured faster there,
    so configure() samples /proc/stat for 0.2 s and says what it chose. The shim's
    helper thread takes part only in products of 2..8 rows (batches): for one stream
-   it competed with the Python thread building the next step.
+   it competed with the Python thread building the next step. That Python thread
+   runs as SCHED_BATCH (graph_thread()): MLX lets it run only ~100 ops ahead of the
+   stream, so it sleeps and wakes ~65 times a token, and each wake-up preempted
+   MLX's stream thread or the helper in the middle of a product (4 streams: ~25
+   preemptions of the stream thread a step; step 7.9-8.3 -> 7.3-7.9 ms).
 5. MLX runs rms_norm, rope and attention on a CPU as their composed fallbacks, so a
    decoded token was ~4,300 graph nodes at ~3 us each. engines/mlx_decode.py gives
    llama/qwen2 models a decode step of ~1,300 (fused q|k|v and gate|up products,
@@ -674,9 +678,12 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int helpers = 0;
 static unsigned long long gen;
-static int spin_limit = 2000;   /* ~0.1 ms: longer spinning took a core from the
-                                   Python thread for whole steps (batch of 4:
-                                   15 -> 13.7 ms a token with 2000 instead of 20000) */
+static int spin_limit = 500;    /* ~12 us of pauses (~23 ns each on Zen 5), then
+   sleep: longer spinning keeps the core from the Python thread, which (SCHED_BATCH,
+   see graph_thread) no longer preempts the helper to get it; the helper's wake-up
+   does preempt Python. A step of 2 / 4 / 8 streams with 2000 spins: 6.07 / 7.85 /
+   12.33 ms, with 500: 5.27 / 7.45 / 12.17 (one process, alternating); 100 was
+   slower (8.3 ms at 4 streams), and 20000 before that too. */
 
 static int claim(unsigned long long g) {
   unsigned long long v = atomic_load(&ticket);
@@ -1077,6 +1084,26 @@ def _others_cpu_use(interval=BUSY_SAMPLE_SECONDS):
         return max(0.0, ((dt - (i1 - i0)) - (s1 - s0)) / dt * ncpu)
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def graph_thread():
+    """Called by the thread that builds MLX's graphs (the language engine's) before
+    its first step. On a Linux CPU it becomes SCHED_BATCH: the same share of the CPU,
+    but its wake-ups no longer preempt the threads doing the arithmetic (see item 4
+    above). Never raises."""
+    if sys.platform != "linux" or _state["device"] != "cpu" or not hasattr(os, "SCHED_BATCH"):
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError as e:
+        _state["graph_thread"] = f"normal ({e.strerror})"
+        return
+    with _lock:
+        if "graph_thread" not in _state:
+            _state["reasons"].append(
+                "the Python thread that builds MLX's graphs runs as SCHED_BATCH: its "
+                "~65 wake-ups a token no longer preempt MLX's stream thread mid-product")
+        _state["graph_thread"] = "SCHED_BATCH"
 
 
 def _has_avx512():

@@ -53,6 +53,26 @@ def test_batch_sampled_in_one_pass_keeps_every_answer(models_dir):
     assert llm.stats()["peak_batch"] >= 5
 
 
+def test_graph_thread_does_not_preempt_the_arithmetic(models_dir):
+    """On a Linux CPU the language engine's MLX thread (it builds the graphs and
+    wakes ~65 times a token) runs as SCHED_BATCH, and describe() says so; the
+    thread that started the engine keeps its own policy."""
+    import os
+    import sys
+    import pytest
+    from engines import llm, mlx_setup
+    from engines.catalog import Catalog
+    info = Catalog(models_dir).resolve(MODEL)
+    list(llm.generate(llm.GenRequest(model=info, prompt="Hi", max_tokens=2)))
+    if sys.platform != "linux" or mlx_setup.describe()["device"] != "cpu":
+        pytest.skip("SCHED_BATCH is for the Linux CPU path")
+    tid = llm._SCHED.thread.native_id
+    assert os.sched_getscheduler(tid) == os.SCHED_BATCH
+    assert mlx_setup.describe()["graph_thread"] == "SCHED_BATCH"
+    assert any("SCHED_BATCH" in r for r in mlx_setup.describe()["reasons"])
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER      # the caller's is untouched
+
+
 def test_sampler_filters():
     """sample_rows on made-up logits: top_k, top_p and min_p keep exactly the tokens
     they should, whatever else is in the batch; a seed repeats."""
