@@ -782,7 +782,6 @@ class _Scheduler:
         except EngineError as e:
             self._fail_all_forever(e)
             return
-        mlx_setup.graph_thread()
         while not self.stopping:
             admit = []
             try:
@@ -1056,6 +1055,7 @@ class _Scheduler:
             return
         if len(m.jobs) > self.counters["peak_batch"]:
             self.counters["peak_batch"] = len(m.jobs)
+        mlx_setup.graph_thread(batched=len(m.jobs) > 1)
         try:
             prompt_resps, gen_resps = m.gen.next()
         except Exception as e:

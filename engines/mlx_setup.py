@@ -34,7 +34,8 @@ shared/DESIGN.md section 5 and bench/llm_bench.py):
    runs as SCHED_BATCH (graph_thread()): MLX lets it run only ~100 ops ahead of the
    stream, so it sleeps and wakes ~65 times a token, and each wake-up preempted
    MLX's stream thread or the helper in the middle of a product (4 streams: ~25
-   preemptions of the stream thread a step; step 7.9-8.3 -> 7.3-7.9 ms).
+   preemptions of the stream thread a step; step 7.9-8.3 -> 7.3-7.9 ms). One
+   stream keeps the normal policy.
 5. MLX runs rms_norm, rope and attention on a CPU as their composed fallbacks, so a
    decoded token was ~4,300 graph nodes at ~3 us each. engines/mlx_decode.py gives
    llama/qwen2 models a decode step of ~1,300 (fused q|k|v and gate|up products,
@@ -66,14 +67,15 @@ Result (engine in-process, greedy, quiet 2-core machine): decode ~10 tok/s (mlx-
 memory bandwidth, the rest MLX's graph scheduling), 1000-token prefill 12.5 -> ~690
 tok/s (slices of 128 rows from the twins, the rest mostly attention), a 26-token
 prompt ~28 ms.
-A batch of 4 takes ~8-10 ms a step (~5.8 ms of products) and of 8 ~15 ms (~8.5 ms):
-what grows per row is arithmetic (the quantized products are bound by multiply-adds,
-~60-65% of AVX-512 peak at 4 rows), attention's small products (MLX calls BLAS once
-per sequence and kv head), and three busy threads (MLX's stream, the shim's helper,
-Python building the next step) sharing two cores. Measured inside a step, the
-products take 25-45% longer than the same products run back to back in C (MLX's
-work between them, the other threads); four prompts prefilled together cost four
-times one.
+A batch of 4 takes ~7.3-7.9 ms a step and of 8 ~12 ms: what grows per row is
+arithmetic (the quantized products are bound by multiply-adds, ~60-65% of AVX-512
+peak at 4 rows), attention's small products (MLX calls BLAS once per sequence and kv
+head; the float32 keys and values come from memory), and three busy threads (MLX's
+stream, the shim's helper, Python building the next step) sharing two cores. The
+helper computes ~40% of a batch's product blocks, not half: it finds MLX's stream
+already working on a short product it was asleep for (waking a thread on this VM
+takes longer than o_proj's product; waking it early, at attention's products, did
+not help). Four prompts prefilled together cost about three times one.
 
 Switches (environment, or the same-named lower-case attribute on the config):
     LOCALAI_MLX_BLAS        auto (shim if a C compiler exists, else OpenBLAS) |
@@ -846,6 +848,7 @@ _state = {             # what configure() chose; describe() reports it
     "reasons": [],
 }
 _prepared = {}         # id(model) -> what prepare() chose for it
+_graph_batched = {}    # thread id -> True while graph_thread() has it SCHED_BATCH
 _last_prepared = None
 
 
@@ -1086,24 +1089,32 @@ def _others_cpu_use(interval=BUSY_SAMPLE_SECONDS):
         return 0.0
 
 
-def graph_thread():
-    """Called by the thread that builds MLX's graphs (the language engine's) before
-    its first step. On a Linux CPU it becomes SCHED_BATCH: the same share of the CPU,
-    but its wake-ups no longer preempt the threads doing the arithmetic (see item 4
-    above). Never raises."""
+def graph_thread(batched):
+    """The thread that builds MLX's graphs (the language engine's) calls this before
+    each step. On a Linux CPU it runs as SCHED_BATCH while it steps two or more
+    sequences: the same share of the CPU, but its wake-ups no longer preempt the
+    threads doing the arithmetic (item 4 above). One sequence keeps the normal
+    policy: the helper sits out one-row products, so there is nothing to gain, and
+    one stream over HTTP decoded less evenly. Never raises."""
     if sys.platform != "linux" or _state["device"] != "cpu" or not hasattr(os, "SCHED_BATCH"):
         return
+    tid = threading.get_ident()
+    if _graph_batched.get(tid, False) == batched:
+        return
+    _graph_batched[tid] = batched           # also on failure: not retried every step
     try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        os.sched_setscheduler(0, os.SCHED_BATCH if batched else os.SCHED_OTHER,
+                              os.sched_param(0))
     except OSError as e:
         _state["graph_thread"] = f"normal ({e.strerror})"
         return
     with _lock:
         if "graph_thread" not in _state:
             _state["reasons"].append(
-                "the Python thread that builds MLX's graphs runs as SCHED_BATCH: its "
-                "~65 wake-ups a token no longer preempt MLX's stream thread mid-product")
-        _state["graph_thread"] = "SCHED_BATCH"
+                "the Python thread that builds MLX's graphs runs as SCHED_BATCH while it "
+                "steps a batch: its ~65 wake-ups a token no longer preempt MLX's stream "
+                "thread mid-product")
+            _state["graph_thread"] = "SCHED_BATCH while batching"
 
 
 def _has_avx512():
