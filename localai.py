@@ -54,6 +54,7 @@ Sections
 # ============================================================================
 import argparse
 import asyncio
+import contextvars
 import email.utils
 import functools
 import hmac
@@ -1264,22 +1265,43 @@ async def add_images(req, gen, messages=None, images=None):
     gen.images, gen.image_slots = await gather_images(req.app, messages=messages, images=images)
 
 
+# A generation request announced to the language engine as soon as its route is
+# known (handle_one), before its body is read: the engine waits for announced
+# requests when it starts a batch, and the loop reads requests sent together one
+# after another. Announced only when they reached generations() (after the body,
+# the model, the images), four requests sent at once reached the engine 1-9 ms
+# apart, and the first was already being computed alone.
+ARRIVAL = contextvars.ContextVar("arrival", default=None)
+
+
+def announce_generation():
+    llm = sys.modules.get("engines.llm")        # not started yet: nothing to batch with
+    return llm.expect_if_running() if llm is not None else None
+
+
 async def generations(gen, n):
     """Run n independent generations of gen (seed+i for a seeded choice i);
     yields (index, Chunk) as they come. Closing this stops every generation."""
     from dataclasses import replace
     engine = engine_for(gen.model)
     # The language engine batches requests that arrive together: announce these
-    # now, before their threads start.
+    # now (the first may be announced already), before their threads start.
     expect = getattr(engine, "expect", None)
+    early = ARRIVAL.get()
+    ARRIVAL.set(None)
+    if early is not None and expect is None:
+        early.done()
 
-    def stream(g):
-        return iterate_blocking(engine.generate, g, **({"arrival": expect()} if expect else {}))
+    def stream(g, arrival=None):
+        if expect:
+            return iterate_blocking(engine.generate, g, arrival=arrival or expect())
+        return iterate_blocking(engine.generate, g)
     if n == 1:
-        streams = [stream(gen)]
+        streams = [stream(gen, early)]
     else:
         streams = [stream(replace(
-            gen, seed=None if gen.seed is None else (gen.seed + i) & 0xFFFFFFFFFFFFFFFF))
+            gen, seed=None if gen.seed is None else (gen.seed + i) & 0xFFFFFFFFFFFFFFFF),
+            early if i == 0 else None)
             for i in range(n)]
     if n == 1:
         try:
@@ -1755,6 +1777,8 @@ ROUTES = {
     "/api/chat": Route({"POST": h_api_chat}, BODY_CHAT),
     "/api/generate": Route({"POST": h_api_generate}, BODY_CHAT),
 }
+# Handlers that generate text (see announce_generation).
+GENERATION_HANDLERS = (h_chat_completions, h_completions, h_api_chat, h_api_generate)
 # Routes with one trailing path parameter (passed as req.path_param).
 PREFIX_ROUTES = {
     "/v1/models/": Route({"GET": h_v1_model}),
@@ -2137,6 +2161,8 @@ async def handle_one(app, conn, req):
             raise HTTPError(417, "unsupported Expect")
         if framing == "length" and length > route.body_limit:
             raise HTTPError(413, "request body too large (limit %d bytes)" % route.body_limit)
+        if handler in GENERATION_HANDLERS:
+            ARRIVAL.set(announce_generation())
         if framing != "none" and length != 0 and expect is not None and req.version == "HTTP/1.1":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await drain(writer)
@@ -2243,7 +2269,11 @@ async def serve_connection(app, reader, writer):
                 access_log.info('%s "- - -" %d 0', client, exc.status)
                 conn.unread = True
                 break
-            if not await handle_one(app, conn, req):
+            try:
+                again = await handle_one(app, conn, req)
+            finally:
+                ARRIVAL.set(None)        # one not taken over: the engine stops waiting
+            if not again:
                 break
             app.busy.discard(task)
         clean = True

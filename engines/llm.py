@@ -490,6 +490,12 @@ def expect():
     return Arrival(_scheduler())
 
 
+def expect_if_running():
+    """expect() once the engine's thread runs, else None (the server announces a
+    request as soon as its route is known, before it knows the model or engine)."""
+    return Arrival(_SCHED) if _SCHED is not None else None
+
+
 def _prepare(req, cancel):
     """The job for req: its prompt tokenized and checked against the context."""
     info = req.model

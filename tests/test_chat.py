@@ -377,3 +377,47 @@ def test_stop_hold_back():
     assert safe_prefix_len("abc", []) == 3
     assert find_stop("a STOP b </end>", stops) == 2
     assert find_stop("nothing", stops) is None
+
+
+def test_a_request_still_being_read_joins_the_batch(server_env, models_dir, tmp_path):
+    """A generation request is announced to the engine once its route is known,
+    before its body is read: a request that reaches an idle engine while another's
+    body is still coming waits for it (ADMIT_WINDOW), and both are prefilled in one
+    pass (/api/ps: peak_admitted 2). Both get their own right answer."""
+    import socket
+    import threading
+    from conftest import Server
+    srv = Server(["--no-mdns"], dict(server_env, LOCALAI_MODELS_DIR=str(models_dir)),
+                 str(tmp_path))
+    try:
+        assert post(srv, "/v1/completions", {"model": MODEL, "prompt": "Hi",
+                                             "max_tokens": 2})[0] == 200   # engine running
+        slow = json.dumps({"model": MODEL, "prompt": COUNTING, "max_tokens": 6,
+                           "temperature": 0}).encode()
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                  b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(slow) + slow[:10])
+        time.sleep(0.3)                   # its head is read; its body is not all there
+        out = {}
+        quick = threading.Thread(target=lambda: out.update(quick=post(srv, "/v1/completions", {
+            "model": MODEL, "prompt": "The capital of France is", "max_tokens": 6,
+            "temperature": 0})))
+        quick.start()
+        time.sleep(0.003)                 # the quick one reaches the engine first
+        s.sendall(slow[10:])
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+        s.close()
+        quick.join()
+        assert raw.startswith(b"HTTP/1.1 200")
+        assert json.loads(raw.split(b"\r\n\r\n", 1)[1])["choices"][0]["text"].strip().startswith("9, 10")
+        status, _, data = out["quick"]
+        assert status == 200 and "Paris" in json.loads(data)["choices"][0]["text"]
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        conn.request("GET", "/api/ps")
+        engine = json.loads(conn.getresponse().read())["models"][0]["engine"]
+        conn.close()
+        assert engine["peak_admitted"] == 2, engine
+    finally:
+        srv.stop()
