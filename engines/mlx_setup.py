@@ -950,7 +950,7 @@ def configure(config=None):
             _state["reasons"].append(f"BLAS setup failed ({type(e).__name__}: {e}); "
                                      "MLX's default BLAS is used")
         _verify()
-        if _batch_policy():
+        if sys.platform == "linux" and _state["device"] == "cpu" and hasattr(os, "SCHED_BATCH"):
             _state["graph_thread"] = "SCHED_BATCH while batching"
             _state["reasons"].append(
                 "the Python thread that builds MLX's graphs runs as SCHED_BATCH while it "
@@ -1095,26 +1095,23 @@ def _others_cpu_use(interval=BUSY_SAMPLE_SECONDS):
         return 0.0
 
 
-def _batch_policy():
-    return sys.platform == "linux" and _state["device"] == "cpu" and hasattr(os, "SCHED_BATCH")
-
-
 def graph_thread(batched):
     """The thread that builds MLX's graphs (the language engine's) calls this before
     each step. On a Linux CPU it runs as SCHED_BATCH while it steps two or more
     sequences: the same share of the CPU, but its wake-ups no longer preempt the
     threads doing the arithmetic (item 4 above). One sequence keeps the normal
     policy: the helper sits out one-row products, so there is nothing to gain, and
-    one stream over HTTP decoded less evenly. Never raises."""
+    one stream over HTTP decoded less evenly. configure() decides whether this
+    applies (describe()'s "graph_thread"). Never raises."""
     tid = threading.get_ident()
-    if not _batch_policy() or _graph_batched.get(tid, False) == batched:
+    if "graph_thread" not in _state or _graph_batched.get(tid, False) == batched:
         return
     _graph_batched[tid] = batched           # also on failure: not retried every step
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH if batched else os.SCHED_OTHER,
                               os.sched_param(0))
     except OSError as e:
-        if not _state.get("graph_thread", "").startswith("normal"):
+        if not _state["graph_thread"].startswith("normal"):
             _state["reasons"].append(f"the graph thread stays at the normal policy: {e.strerror}")
         _state["graph_thread"] = f"normal ({e.strerror})"
 
