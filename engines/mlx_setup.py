@@ -184,6 +184,13 @@ static inline float hsum_q(vf v) {
   b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
   return b[0] + b[1];
 }
+#elif (__GNUC__ >= 12 || defined(__clang__)) && VW == 8
+typedef float vf4 __attribute__((vector_size(16)));
+static inline float hsum_q(vf v) {
+  vf4 b = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
+  return b[0] + b[1];
+}
 #else
 #define hsum_q hsum
 #endif
@@ -214,6 +221,35 @@ static inline void prefetch_row(const float *p, int n) {
         }                                                                           \
       }                                                                             \
       return;                                                                       \
+    }                                                                               \
+    if (VW == 8 && K % VW == 0) {  /* AVX2: two rows of B at once, 2*MM FMA chains  \
+      (one row's chains waited on the FMA latency: 360 products 3x90x64, a decode  \
+      step of 4 streams, 839 -> 515 us on Zen 3) */                                 \
+      int n = 0;                                                                    \
+      for (; n + 1 < N; n += 2) {                                                   \
+        const float *b = B + (size_t)n * ldb;                                       \
+        if (n + APREFETCH < N) prefetch_row(b + (size_t)APREFETCH * ldb, 2 * K);    \
+        vf acc[MM][2];                                                              \
+        for (int m = 0; m < MM; m++) acc[m][0] = acc[m][1] = (vf){0};               \
+        for (int k = 0; k < K; k += VW) {                                           \
+          vf b0 = ld(b + k), b1 = ld(b + ldb + k);                                  \
+          for (int m = 0; m < MM; m++) {                                            \
+            vf a = ld(A + (size_t)m * lda + k);                                     \
+            acc[m][0] += a * b0;                                                    \
+            acc[m][1] += a * b1;                                                    \
+          }                                                                         \
+        }                                                                           \
+        for (int m = 0; m < MM; m++)                                                \
+          for (int i = 0; i < 2; i++) {                                             \
+            float v = alpha * hsum_q(acc[m][i]);                                    \
+            float *c = C + (size_t)m * ldc + n + i;                                 \
+            *c = beta == 0.f ? v : v + beta * *c;                                   \
+          }                                                                         \
+      }                                                                             \
+      if (n == N) return;                                                           \
+      B += (size_t)n * ldb;        /* the last, odd row: below */                   \
+      C += n;                                                                       \
+      N -= n;                                                                       \
     }                                                                               \
     int KV = K - K % VW;                                                            \
     for (int n = 0; n < N; n++) {                                                   \
@@ -480,6 +516,11 @@ static const vf iota16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
    kernel for 8 rows, one weight row at a time, was 1.5x slower than two passes).
    GS: the group size when known at compile time (32, the common one: no
    loop inside a group), else 0. */
+/* Weight rows a pass takes at once for MM rows of A. AVX2 has 16 vector registers:
+   two weight rows for 2..4 rows of A spilled accumulators to the stack every
+   iteration (4 rows, AMD Zen 3: the 8-bit head 3.9 -> 2.7 ms, a 4-bit 1536x576
+   matrix 172 -> 129 us with one weight row; bench/quant_bench.py). */
+#define QRR(MM) (VW == 16 || (MM) == 1 ? 2 : 1)
 #define QK(MM, BITS, GS)                                                            \
   static void qk##BITS##_##MM##_##GS(const struct qmat *q, int n0, int n1,          \
                                      float alpha, const float *A, int lda,          \
@@ -487,7 +528,7 @@ static const vf iota16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const int gs = GS ? GS : q->gs, G = q->K / gs;                                  \
     const size_t gb = q->gbytes;                                                    \
     for (int n = n0; n < n1;) {                                                     \
-      if (!(n & 1) && n + 1 < n1) {                                                 \
+      if (QRR(MM) == 2 && !(n & 1) && n + 1 < n1) {                                \
         QROWS(MM, BITS, 2);                                                         \
         n += 2;                                                                     \
       } else {                                                                      \

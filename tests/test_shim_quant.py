@@ -225,7 +225,9 @@ def test_prompt_rows_and_row_views_use_the_twin(checked):
     assert checked["max_rows"] >= 32
     top = checked["max_rows"]
     rows = checked["rows"]
-    assert [rows[str(m)][0] for m in (3, 9, 33, top, top + 1)] == [1, 1, 1, 1, 0]
+    # 128 rows with AVX-512, 32 without (the kernel has half the width there)
+    ms = (3, 9, 33, top, top + 1)
+    assert [rows[str(m)][0] for m in ms] == [int(m <= top) for m in ms]
     assert max(err for _, err in rows.values()) < 1e-5
     views = checked["views"]
     assert {k: v[0] for k, v in views.items()} == {
