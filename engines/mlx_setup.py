@@ -29,8 +29,9 @@ shared/DESIGN.md section 5 and bench/llm_bench.py):
 4. Threads: on a machine other processes keep busy, threads that meet at every
    split product wait for a descheduled partner; one thread measured faster there,
    so configure() samples /proc/stat for 0.2 s and says what it chose. The shim's
-   helper thread takes part only in products of 2..8 rows (batches): for one stream
-   it competed with the Python thread building the next step. That Python thread
+   helper thread takes part in products of 2..8 rows (batches), and in one stream's
+   only without AVX-512 (there its kernels are twice as slow; with AVX-512 the
+   helper competed with the Python thread building the next step). That Python thread
    runs as SCHED_BATCH (graph_thread()): MLX lets it run only ~100 ops ahead of the
    stream, so it sleeps and wakes ~65 times a token, and each wake-up preempted
    MLX's stream thread or the helper in the middle of a product (4 streams: ~25
@@ -288,7 +289,19 @@ static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
       float tail[4][NB];
       for (int m = 0; m < 4; m++)
         for (int i = 0; i < NV; i++) acc[m][i] = (vf){0};
-      if (nn == NB) {
+      if (nn == NB && VW == 8 && mm == 3) {  /* AVX2, a kv head's 3 query heads:
+        12 accumulators and B from memory fit 16 registers (the loop below spilled) */
+        for (int k = 0; k < K; k++) {
+          const float *b = B + (size_t)k * ldb + n0;
+          if (k + APREFETCH < K) prefetch_row(b + (size_t)APREFETCH * ldb, NB);
+          _Pragma("GCC unroll 3") for (int m = 0; m < 3; m++) {
+            vf av = (vf){0} + A[(size_t)(m0 + m) * lda + k];
+            _Pragma("GCC unroll 4") for (int i = 0; i < NV; i++) acc[m][i] += av * ld(b + i * VW);
+          }
+        }
+        for (int m = 0; m < 3; m++)
+          for (int i = 0; i < NV; i++) __builtin_memcpy(tail[m] + i * VW, &acc[m][i], sizeof(vf));
+      } else if (nn == NB) {
         for (int k = 0; k < K; k++) {
           const float *b = B + (size_t)k * ldb + n0;
           if (k + APREFETCH < K) prefetch_row(b + (size_t)APREFETCH * ldb, NB);
@@ -721,12 +734,22 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int helpers = 0;
 static unsigned long long gen;
-static int spin_limit = 500;    /* ~12 us of pauses (~23 ns each on Zen 5), then
-   sleep: longer spinning keeps the core from the Python thread, which (SCHED_BATCH,
-   see graph_thread) no longer preempts the helper to get it; the helper's wake-up
-   does preempt Python. A step of 2 / 4 / 8 streams with 2000 spins: 6.07 / 7.85 /
-   12.33 ms, with 500: 5.27 / 7.45 / 12.17 (one process, alternating); 100 was
-   slower (8.3 ms at 4 streams), and 20000 before that too. */
+static int spin_limit = VW == 16 ? 500 : 2000;    /* ~12 us of pauses (~23 ns each
+   on Zen 5), then sleep: longer spinning keeps the core from the Python thread, which
+   (SCHED_BATCH, see graph_thread) no longer preempts the helper to get it; the
+   helper's wake-up does preempt Python. A step of 2 / 4 / 8 streams with 2000 spins:
+   6.07 / 7.85 / 12.33 ms, with 500: 5.27 / 7.45 / 12.17 (one process, alternating);
+   100 was slower (8.3 ms at 4 streams), and 20000 before that too. With AVX2 (Zen 3,
+   ~29 ns a pause) products and the gaps between them take about twice as long, and
+   2000 let the helper catch more of them (4 streams ~149 -> ~153-163 tok/s). */
+/* One row from a quantized twin takes the helper only without AVX-512, and only for
+   products of at least this many weights (gate|up, the head). With AVX-512 a decode
+   step of one stream has ~3 ms of kernels, where a woken helper competes with Python
+   building the next step (8.6 -> 6.8 ms a token without it). With AVX2 the kernel is
+   bound by dequantizing at half the width, ~15 ms a token on one core: sharing the
+   big products took one stream ~53 -> ~66 tok/s on Zen 3 (medians of 8 rounds,
+   alternating in one process); sharing every product (100k weights) was slower. */
+#define HELP_ONE_ROW (VW == 16 ? (1L << 62) : 1000000L)
 
 static int claim(unsigned long long g) {
   unsigned long long v = atomic_load(&ticket);
@@ -783,11 +806,10 @@ static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda
                        const float *B, int ldb, float beta, float *C, int ldc,
                        const struct qmat *q) {
   struct job j = {M, N, K, lda, ldb, ldc, N, alpha, beta, A, B, C, q};
-  /* Small products, no helper, one row from a quantized twin (a decode step of one
-     stream: ~3 ms of kernels a token, where a woken helper competes with Python
-     building the next step; 8.6 -> 6.8 ms a token), or another thread (a second
-     MLX stream) already sharing the helper: do it all here. */
-  if (helpers == 0 || (long)N * K < 65536 || (M == 1 && q)
+  /* Small products, no helper, one row from a quantized twin (but see HELP_ONE_ROW),
+     or another thread (a second MLX stream) already sharing the helper: do it all
+     here. */
+  if (helpers == 0 || (long)N * K < 65536 || (M == 1 && q && (long)N * K < HELP_ONE_ROW)
       || atomic_flag_test_and_set(&in_use)) {
     run_rows(&j, 0, N);
     return;
@@ -1200,7 +1222,10 @@ def _load_with_shim(lib, path):
         "products of a model's registered matrices (and of their rows) from their "
         "quantized twins, other one-row products with "
         f"sgemv and 2..{SMALL_M}-row ones with its own kernels"
-        + (" (batches shared with a helper thread)" if helpers else ""))
+        + ("" if not helpers else " (batches shared with a helper thread)"
+           if shim.localai_blas_count(7) >= 128 else
+           " (batches, and one stream's big products with these AVX2 kernels, shared "
+           "with a helper thread)"))
     _describe_openblas()
 
 
