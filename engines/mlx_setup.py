@@ -63,7 +63,7 @@ the twins compute too; logits agree with mlx-lm's own forward pass within float3
 rounding (tests/test_mlx_decode.py, tests/test_shim_quant.py) and with the quantized
 model within float16 rounding (tests/test_mlx_setup.py).
 
-Result (engine in-process, greedy, quiet 2-core machine): decode ~10 tok/s (mlx-lm)
+Result (engine in-process, greedy, quiet 2-core machine, Zen 5 with AVX-512): decode ~10 tok/s (mlx-lm)
 -> ~210 tok/s (a step of ~4.8-5.5 ms, two thirds of it quantized products bound by
 memory bandwidth, the rest MLX's graph scheduling), 1000-token prefill 12.5 -> ~690
 tok/s (slices of 128 rows from the twins, the rest mostly attention), a 26-token
@@ -77,6 +77,13 @@ helper computes ~40% of a batch's product blocks, not half: it finds MLX's strea
 already working on a short product it was asleep for (waking a thread on this VM
 takes longer than o_proj's product; waking it early, at attention's products, did
 not help). Four prompts prefilled together cost about three times one.
+Without AVX-512 (Zen 3, AVX2: vectors of 8, 16 registers) the kernels have half the
+width and are bound by dequantizing: decode ~6 (mlx-lm) -> ~70 tok/s, a token's
+products ~15 ms of one core, so one stream shares its big ones with the helper too;
+4 streams ~165-175 tok/s, both cores busy (products ~1.1 of them, Python ~0.3,
+attention ~0.2, the helper's spinning ~0.1). The 4-row kernel runs at ~5
+multiply-adds a cycle, well below what its FMAs and loads allow; splitting its
+loads, a second weight row, or one accumulator per row did not help.
 
 Switches (environment, or the same-named lower-case attribute on the config):
     LOCALAI_MLX_BLAS        auto (shim if a C compiler exists, else OpenBLAS) |
