@@ -841,11 +841,13 @@ def test_send_stall_timeout_drops_a_client_that_never_reads(start_server):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.port))
     one = b"GET /api/version HTTP/1.1\r\n" + host(server) + b"\r\n"
-    sock.settimeout(0.5)
+    # a send blocked longer than the server's 1.5 s stall timeout: the server stopped
+    # reading us (a busy server that still reads, only slowly, takes bytes sooner)
+    sock.settimeout(3)
     sent = 0
     started = time.monotonic()
     try:                                            # pipeline requests, read nothing
-        while time.monotonic() - started < 8:
+        while time.monotonic() - started < 30:
             sent += sock.send(one * 100)
     except socket.timeout:
         pass                                        # the server stopped reading us
