@@ -1170,8 +1170,10 @@ def graph_thread(batched):
     each step. On a Linux CPU it runs as SCHED_BATCH while it steps two or more
     sequences: the same share of the CPU, but its wake-ups no longer preempt the
     threads doing the arithmetic (item 4 above). One sequence keeps the normal
-    policy: the helper sits out one-row products, so there is nothing to gain, and
-    one stream over HTTP decoded less evenly. configure() decides whether this
+    policy: measured with AVX-512, where the helper sits out one-row products, there
+    was nothing to gain and one stream over HTTP decoded less evenly (with AVX2 the
+    helper shares one stream's big products; not measured there as SCHED_BATCH).
+    configure() decides whether this
     applies (describe()'s "graph_thread"). Never raises."""
     tid = threading.get_ident()
     if "graph_thread" not in _state or _graph_batched.get(tid, False) == batched:
@@ -1222,17 +1224,20 @@ def _load_with_shim(lib, path):
         return
     _shim = shim
     _openblas = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # already loaded: a handle
+    # The twins' row limit is 128 with AVX-512 kernels, 32 with AVX2 ones, which also
+    # share one stream's big products with the helper (HELP_ONE_ROW in the shim).
+    shared = ""
+    if helpers:
+        shared = (" (batches shared with a helper thread)" if shim.localai_blas_count(7) >= 128
+                  else " (batches, and one stream's big products with these AVX2 kernels, "
+                       "shared with a helper thread)")
     _state["blas"] = f"OpenBLAS ({path}) via localai shim"
     _state["shim"] = True
     _state["reasons"].append(
         f"system OpenBLAS preloaded; shim computes 1..{shim.localai_blas_count(7)}-row "
         "products of a model's registered matrices (and of their rows) from their "
         "quantized twins, other one-row products with "
-        f"sgemv and 2..{SMALL_M}-row ones with its own kernels"
-        + ("" if not helpers else " (batches shared with a helper thread)"
-           if shim.localai_blas_count(7) >= 128 else
-           " (batches, and one stream's big products with these AVX2 kernels, shared "
-           "with a helper thread)"))
+        f"sgemv and 2..{SMALL_M}-row ones with its own kernels" + shared)
     _describe_openblas()
 
 
