@@ -1,8 +1,9 @@
-"""Decode-shaped products (x of 1 or 4 rows) from a weight matrix's quantized twin in
-the BLAS shim vs the float32 path (OpenBLAS sgemv / the shim's small-M kernel), in one
-run on the same values. (issue 8; engines/mlx_setup.register_quantized)
+"""Products from a weight matrix's quantized twin in the BLAS shim vs the float32 path,
+in one run on the same values: decode-shaped (x of 1 or 4 rows: OpenBLAS sgemv / the
+shim's small-M kernel) and prompt-shaped (16..128 rows: OpenBLAS sgemm).
+(issue 8; engines/mlx_setup.register_quantized)
 
-    python bench/quant_bench.py [--rounds 7] [--threads N]
+    python bench/quant_bench.py [--rounds 7] [--threads N] [--rows 1,4,16,32,64,128]
 
 Each case multiplies x by several distinct copies of the matrix per evaluation, so
 the weights come from memory as in a decode step (the set is larger than the L3
@@ -31,6 +32,8 @@ CASES = [
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rows", default="1,4,16,32,64,128",
+                    help="rows of x, comma-separated")
     ap.add_argument("--threads", type=int, default=0,
                     help="LOCALAI_BLAS_THREADS (default: mlx_setup's choice)")
     args = ap.parse_args()
@@ -48,7 +51,8 @@ def main():
         print("no BLAS shim: nothing to compare")
         return 1
     mx.random.seed(0)
-    print(f"{'case':20s} {'M':>2s} {'float32 us':>11s} {'quant us':>9s} {'speed-up':>8s}"
+    rows = [int(r) for r in args.rows.split(",")]
+    print(f"{'case':20s} {'M':>3s} {'float32 us':>11s} {'quant us':>9s} {'speed-up':>8s}"
           f" {'max rel diff':>12s}")
     for name, n, k, bits, gs, copies in CASES:
         plain, twins = [], []
@@ -65,7 +69,7 @@ def main():
             twins.append(w32)
             plain.append(w32b)
             del q, s, b, w
-        for m in (1, 4):
+        for m in rows:
             x = mx.random.normal((m, k))
             mx.eval(x)
 
@@ -88,7 +92,7 @@ def main():
                     run(ws)
                     out.append((time.perf_counter() - t0) / copies)
             tp, tq = statistics.median(t_plain), statistics.median(t_quant)
-            print(f"{name:20s} {m:2d} {tp * 1e6:11.0f} {tq * 1e6:9.0f} {tp / tq:7.2f}x"
+            print(f"{name:20s} {m:3d} {tp * 1e6:11.0f} {tq * 1e6:9.0f} {tp / tq:7.2f}x"
                   f" {diff:12.1e}", flush=True)
         for w in twins:
             ms.unregister(w)

@@ -48,7 +48,8 @@ shared/DESIGN.md section 5 and bench/llm_bench.py):
    rows from it (decoding, short prompts: OpenBLAS's sgemm packs all 4 bytes of every
    weight, which dominates below a few hundred rows), keyed by the float32 matrix's
    address range (register_quantized); bigger products (several prompts computed
-   together; above 32 rows without AVX-512) use OpenBLAS on the float32 copy. The
+   together) use OpenBLAS on the float32 copy. Without AVX-512, 16 rows and more
+   take a packed product (a tile of 16 rows by 6 weight rows dequantized to float32). The
    language engine computes a prompt in slices of 128 tokens (PREFILL_STEP_CPU),
    which stay on the twins. The 576x49152 8-bit head: 3.7 -> 1.1 ms at M=1
    (bench/quant_bench.py); a 26-token prompt's products 69 -> 20 ms. The twins
@@ -354,9 +355,13 @@ static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
    passes of up to QPASS rows (the block of B stays in L1/L2). OpenBLAS's float32 sgemm
    reads 4 bytes a weight and packs them: SmolLM2's 120 layer products with 26 rows
    took 69 ms (49 with OpenBLAS's AVX-512 kernel), with the twins 20; 104 rows: 128 (75)
-   -> 75; 128 rows: 136 (87) -> 100; 256 rows: 258 (158) -> 215. Without AVX-512 our
-   kernel has half the width. */
-#define QMAX_M (VW == 16 ? 128 : 32)
+   -> 75; 128 rows: 136 (87) -> 100; 256 rows: 258 (158) -> 215. Without AVX-512,
+   whole tiles of 16 rows take the packed product below (above 32 rows OpenBLAS had
+   beaten the 4-row passes there). Its products of 16-32 rows are 1.1-1.45x faster
+   than the passes; of 64-128 rows within ~20% of OpenBLAS's either way on a noisy
+   2-core VM (bench/quant_bench.py), while prompts computed together got faster end
+   to end (below: OpenBLAS's threads spin between its products). */
+#define QMAX_M 128
 #define QPASS 4
 /* Bytes ahead of a twin's read position to prefetch: the hardware prefetcher alone left
    decoding's products short of memory bandwidth (121 products of SmolLM2: one row
@@ -690,15 +695,147 @@ int localai_quant_unregister(const float *key) {
 }
 
 struct job { int M, N, K, lda, ldb, ldc, rows; float alpha, beta;
-             const float *A, *B; float *C; const struct qmat *q; };
+             const float *A, *B; float *C; const struct qmat *q;
+             const float *at; int mp; };
 static struct job J;
 
+static void run_rows(const struct job *j, int n0, int n1);
+/* ---- prompts from the twins without AVX-512: a packed product ----
+   The 4-row kernels dequantize each weight once per 4 rows of A and load A once per
+   multiply-add: with AVX2 they are bound by the FMA ports at ~7 multiply-adds a cycle
+   (a quarter of them dequantizing). For 16 rows and more: the first mp = M rounded
+   down to 2*VW rows of A transposed once a product (at: K x mp), PNR weight rows at a
+   time dequantized to float32 (an L1 block), and a register tile of 2*VW rows of A
+   by PNR weight rows: per k two loads and PNR broadcasts feed 2*PNR FMAs (12 chains,
+   15 of AVX2's 16 registers; the tile alone runs at ~65% of the FMA peak). The rest
+   of A's rows take the 4-row passes (a half tile, 8 rows by 6, was bound by its
+   broadcasts; padding to a whole tile wasted as much). The same weights as the
+   other kernels (scale*q + bias); each output sums its products in k order. One
+   prompt of ~20 tokens: no faster (16 rows packed, 4 in a pass); four prompts
+   computed together (~100 rows, OpenBLAS's float32 sgemm before): first tokens
+   389-432 -> 330-409 ms (Zen 3, medians of 12 in four pairs of alternating runs). */
+#define PNR 6
+#define PKC 256          /* a multiple of every group size */
+#define PACKED(M) (VW == 8 && (M) >= 2 * VW)
+static inline void st(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+
+/* Groups [g0, g1) of weight row n dequantized into w. */
+__attribute__((noinline)) static void qdeq_row(const struct qmat *q, int n, int g0, int g1,
+                                               float *w) {
+  const size_t gb = q->gbytes;
+  size_t gst = 2 * gb;
+  const unsigned char *p;
+  if ((n & 1) || n + 1 < q->N) {
+    p = q->data + (size_t)(n & ~1) * q->rbytes + (size_t)(n & 1) * gb;
+  } else {
+    p = q->data + (size_t)n * q->rbytes;
+    gst = gb;
+  }
+  const int gs = q->gs;
+  p += (size_t)g0 * gst;
+  for (int g = g0; g < g1; g++, p += gst) {
+    float s1, b1;
+    __builtin_memcpy(&s1, p, sizeof s1);
+    __builtin_memcpy(&b1, p + sizeof s1, sizeof b1);
+    const vf s = s1 - (vf){0}, b = b1 - (vf){0};
+    const unsigned char *d = p + 2 * sizeof(float);
+    for (int u = 0; u < gs; u += 2 * VW, w += 2 * VW) {
+      if (q->bits == 4) {
+        iv q4 = ldq(d);
+        st(w, cvt(q4 & 15) * s + b);
+        st(w + VW, cvt((q4 >> 4) & 15) * s + b);
+        d += VW;
+      } else {
+        st(w, cvt(ldq(d)) * s + b);
+        st(w + VW, cvt(ldq(d + VW)) * s + b);
+        d += 2 * VW;
+      }
+    }
+  }
+}
+
+/* The 2*VW x PNR tile over kn values of k: acc[v][r][i] += sum_k at[k][v*VW+i] *
+   w[r][k] (a: at's first row and column for it, w's rows ws apart). Its own function
+   with named accumulators: inlined, or as an array, GCC spilled two. */
+__attribute__((noinline)) static void ptile2(const float *a, size_t mp, const float *w,
+                                             size_t ws, size_t kn, vf acc[2][PNR]) {
+  vf c00 = acc[0][0], c01 = acc[0][1], c02 = acc[0][2], c03 = acc[0][3], c04 = acc[0][4],
+     c05 = acc[0][5], c10 = acc[1][0], c11 = acc[1][1], c12 = acc[1][2], c13 = acc[1][3],
+     c14 = acc[1][4], c15 = acc[1][5];
+  for (const float *e = w + kn; w < e; w++, a += mp) {
+    vf a0 = ld(a), a1 = ld(a + VW), b;
+    QKEEP(a0, a1);
+#define PSTEP(r) b = w[(r) * ws] - (vf){0}; c0##r += a0 * b; c1##r += a1 * b;
+    PSTEP(0) PSTEP(1) PSTEP(2) PSTEP(3) PSTEP(4) PSTEP(5)
+#undef PSTEP
+  }
+  acc[0][0] = c00; acc[0][1] = c01; acc[0][2] = c02;
+  acc[0][3] = c03; acc[0][4] = c04; acc[0][5] = c05;
+  acc[1][0] = c10; acc[1][1] = c11; acc[1][2] = c12;
+  acc[1][3] = c13; acc[1][4] = c14; acc[1][5] = c15;
+}
+
+/* Output columns [n0, n1) for the first j->mp rows of A (from j->at); 0, or -1 when
+   out of memory (nothing computed). A strip's weights are dequantized PKC values of
+   k at a time: the block (6 KB) and a tile's rows of at (16 KB) stay in L1 (whole
+   rows of K = 1536 did not). */
+static int qpacked(const struct job *j, int n0, int n1) {
+  const int K = j->K, mp = j->mp, gs = j->q->gs, tiles = mp / (2 * VW);
+  float *w = aligned_alloc(64, (size_t)PNR * PKC * sizeof(float));
+  vf (*acc)[2][PNR] = aligned_alloc(64, (size_t)tiles * sizeof *acc);
+  if (!w || !acc) {
+    free(w);
+    free(acc);
+    return -1;
+  }
+  for (int n = n0; n < n1; n += PNR) {
+    const int nr = n1 - n < PNR ? n1 - n : PNR;
+    /* the next strip's weights on their way while these tiles compute: the hardware
+       prefetcher sees no access to them until its dequantizing starts */
+    if (n + PNR < n1) {
+      const unsigned char *p = j->q->data + (size_t)(n + PNR) * j->q->rbytes;
+      const size_t bytes = (size_t)(n1 - n - PNR < PNR ? n1 - n - PNR : PNR) * j->q->rbytes;
+      for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
+    }
+    __builtin_memset(acc, 0, (size_t)tiles * sizeof *acc);
+    for (int k0 = 0; k0 < K; k0 += PKC) {
+      const int kn = K - k0 < PKC ? K - k0 : PKC;
+      for (int r = 0; r < PNR; r++)
+        if (r < nr) qdeq_row(j->q, n + r, k0 / gs, (k0 + kn) / gs, w + (size_t)r * PKC);
+        else __builtin_memset(w + (size_t)r * PKC, 0, (size_t)kn * sizeof(float));
+      for (int t = 0; t < tiles; t++)
+        ptile2(j->at + (size_t)k0 * mp + t * 2 * VW, mp, w, PKC, kn, acc[t]);
+    }
+    for (int t = 0; t < tiles; t++)
+      for (int v = 0; v < 2; v++)
+        for (int i = 0; i < VW; i++) {
+          float *c = j->C + (size_t)(t * 2 * VW + v * VW + i) * j->ldc + n;
+          for (int r = 0; r < nr; r++) {
+            const float x = j->alpha * acc[t][v][r][i];
+            c[r] = j->beta == 0.f ? x : x + j->beta * c[r];
+          }
+        }
+  }
+  free(w);
+  free(acc);
+  return 0;
+}
+
+/* Rows [0, mp) of A (stride lda) transposed into at (K x mp). */
+static void transpose_a(const float *A, int K, int lda, float *at, int mp) {
+  for (int k0 = 0; k0 < K; k0 += 64) {
+    const int k1 = k0 + 64 < K ? k0 + 64 : K;
+    for (int m = 0; m < mp; m++)
+      for (int k = k0; k < k1; k++) at[(size_t)k * mp + m] = A[(size_t)m * lda + k];
+  }
+}
+
 /* rows [n0, n1) of the output, all M rows of A, in passes of at most 4 rows (the
-   block of B stays in L2 between passes). */
+   block of B stays in L2 between passes); with a packed A its rows first. */
 static void run_rows(const struct job *j, int n0, int n1) {
-  if (j->q) {                        /* a quantized twin: all M rows in one pass */
+  if (j->q) {                        /* a quantized twin */
     const qk_t *k = qkernels[j->q->gs == 32][j->q->bits == 8];
-    for (int m0 = 0; m0 < j->M; m0 += QPASS) {
+    for (int m0 = j->at && qpacked(j, n0, n1) == 0 ? j->mp : 0; m0 < j->M; m0 += QPASS) {
       int mm = j->M - m0 < QPASS ? j->M - m0 : QPASS;
       k[mm - 1](j->q, n0, n1, j->alpha, j->A + (size_t)m0 * j->lda, j->lda, j->beta,
                 j->C + (size_t)m0 * j->ldc, j->ldc);
@@ -812,19 +949,33 @@ static atomic_flag in_use = ATOMIC_FLAG_INIT;
 static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda,
                        const float *B, int ldb, float beta, float *C, int ldc,
                        const struct qmat *q) {
-  struct job j = {M, N, K, lda, ldb, ldc, N, alpha, beta, A, B, C, q};
+  struct job j = {M, N, K, lda, ldb, ldc, N, alpha, beta, A, B, C, q, NULL, 0};
+  float *at = NULL;
+  if (q && PACKED(M)) {
+    j.mp = M / (2 * VW) * (2 * VW);  /* whole tiles; the rest in 4-row passes */
+    at = aligned_alloc(64, ((size_t)K * j.mp * sizeof(float) + 63) & ~(size_t)63);
+    if (at) transpose_a(A, K, lda, at, j.mp);
+    j.at = at;
+  }
   /* Small products, no helper, one row from a quantized twin (but see HELP_ONE_ROW),
      or another thread (a second MLX stream) already sharing the helper: do it all
      here. */
   if (helpers == 0 || (long)N * K < 65536 || (M == 1 && q && (long)N * K < HELP_ONE_ROW)
       || atomic_flag_test_and_set(&in_use)) {
     run_rows(&j, 0, N);
+    free(at);
     return;
   }
   int rows = 65536 / K & ~1;         /* a block of B: ~256 KB, stays in L2; even: */
   if (rows < 8) rows = 8;            /* the quantized kernel takes rows in pairs */
+  if (at) rows = rows / PNR * PNR;   /* whole strips of the packed kernel */
   int blocks = (N + rows - 1) / rows;
-  if (blocks > (int)FIELD) { run_rows(&j, 0, N); atomic_flag_clear(&in_use); return; }
+  if (blocks > (int)FIELD) {
+    run_rows(&j, 0, N);
+    atomic_flag_clear(&in_use);
+    free(at);
+    return;
+  }
   j.rows = rows;
   J = j;
   atomic_store(&done_blocks, 0);
@@ -839,6 +990,7 @@ static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda
   do_blocks(gen);
   while (atomic_load(&done_blocks) < blocks) cpu_relax();
   atomic_flag_clear(&in_use);
+  free(at);
 }
 
 int localai_blas_init(const char *path, int smax, int nhelpers) {
@@ -867,6 +1019,7 @@ long localai_blas_count(int which) {
     case 4: return n_quant;          /* products served by a quantized twin */
     case 5: return q_count;          /* matrices registered */
     case 6: return q_bytes;          /* bytes their twins take */
+    case 8: return VW;               /* floats a vector: 16 AVX-512, 8 otherwise */
     default: return QMAX_M;          /* the most rows of A a twin serves */
   }
 }
@@ -1224,11 +1377,11 @@ def _load_with_shim(lib, path):
         return
     _shim = shim
     _openblas = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # already loaded: a handle
-    # The twins' row limit is 128 with AVX-512 kernels, 32 with AVX2 ones, which also
-    # share one stream's big products with the helper (HELP_ONE_ROW in the shim).
+    # Kernels narrower than AVX-512's also share one stream's big products with the
+    # helper (HELP_ONE_ROW in the shim).
     shared = ""
     if helpers:
-        shared = (" (batches shared with a helper thread)" if shim.localai_blas_count(7) >= 128
+        shared = (" (batches shared with a helper thread)" if shim.localai_blas_count(8) >= 16
                   else " (batches, and one stream's big products with these AVX2 kernels, "
                        "shared with a helper thread)")
     _state["blas"] = f"OpenBLAS ({path}) via localai shim"

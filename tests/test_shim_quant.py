@@ -42,16 +42,19 @@ def rel(got, ref):
     got, ref = np.array(got, dtype=np.float64), np.array(ref, dtype=np.float64)
     return float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-30))
 
-# 1. every form: bits x group size x scale dtype, M = 1..8, N odd (no whole blocks),
-#    one size big enough to be split with the helper thread; plain, alpha, beta.
+# 1. every form: bits x group size x scale dtype, M = 1..8 (4-row passes) and 16, 21,
+#    37 (without AVX-512: whole tiles of 16 rows packed, the rest in passes), N odd (no
+#    whole blocks, a last strip of 1 weight row), one size big enough to be split with
+#    the helper thread; plain, alpha, beta.
 err, err_half, products, missed = 0.0, 0.0, 0, 0
+ROWS = (*range(1, 9), 16, 21, 37)
 for bits in (4, 8):
     for gs in (32, 64, 128):
         for dt, (n, k) in ((mx.float32, (37, 256)), (mx.float16, (1001, 128)),
                            (mx.bfloat16, (77, 384))):
             w32, w_half, quant = make(n, k, bits, gs, dt)
             assert ms.register_quantized(w32, *quant), (bits, gs, dt)
-            for m in range(1, 9):
+            for m in ROWS:
                 x = mx.array(rng.standard_normal((m, k)).astype(np.float32))
                 c = mx.array(rng.standard_normal((m, n)).astype(np.float32))
                 ref = np.array(x, np.float64) @ np.array(w32, np.float64).T
@@ -210,9 +213,9 @@ def checked(tmp_path_factory):
 
 
 def test_twin_products_equal_the_float32_products(checked):
-    # bits 4/8 x groups 32/64/128 x float32/float16/bfloat16 scales x M 1..8,
-    # plain and addmm (alpha, beta), all through the twin.
-    assert checked["products"] == 2 * 3 * 3 * 8 * 2 + 3 * 2 * 8
+    # bits 4/8 x groups 32/64/128 x float32/float16/bfloat16 scales x M 1..8, 16, 21,
+    # 37, plain and addmm (alpha, beta), all through the twin.
+    assert checked["products"] == 2 * 3 * 3 * 11 * 2 + 3 * 2 * 8
     assert checked["missed"] == 0
     assert checked["tiny_registered"] == [1] * 6          # re-registering replaces
     assert checked["max_rel_err"] < 1e-5
@@ -225,7 +228,7 @@ def test_prompt_rows_and_row_views_use_the_twin(checked):
     assert checked["max_rows"] >= 32
     top = checked["max_rows"]
     rows = checked["rows"]
-    # 128 rows with AVX-512, 32 without (the kernel has half the width there)
+    # 128 rows (without AVX-512 from 16 rows on a packed product)
     ms = (3, 9, 33, top, top + 1)
     assert [rows[str(m)][0] for m in ms] == [int(m <= top) for m in ms]
     assert max(err for _, err in rows.values()) < 1e-5
@@ -308,7 +311,7 @@ for bits, gs, n, k in ((4, 32, 1001, 128), (8, 64, 77, 256), (4, 128, 300, 384))
         packed[:, e * bits // 32] |= (q[:, e].astype(np.uint32) << (e * bits % 32))
     assert lib.localai_quant_register(w.ctypes.data, n, k, bits, gs, packed.ctypes.data,
                                       s.ctypes.data, b.ctypes.data) == 0
-    for m in range(1, 9):
+    for m in (*range(1, 9), 16, 21, 37):
         x = rng.standard_normal((m, k)).astype(np.float32)
         c = np.zeros((m, n), np.float32)
         lib.cblas_sgemm(101, 111, 112, m, n, k, 1.0, x.ctypes.data, k, w.ctypes.data, k,
@@ -336,5 +339,5 @@ def test_kernel_without_avx512(tmp_path, flags):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["quant_calls"] == 3 * 8
+    assert out["quant_calls"] == 3 * 11
     assert out["err"] < 1e-5
