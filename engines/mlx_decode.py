@@ -238,7 +238,7 @@ class _Step:
         # MLX's Softmax on x86). Only the elementwise part: a shapeless compiled
         # softmax with its reductions crashed MLX 0.32 once batches changed size.
         self.exp_minus = mx.compile(lambda x, m: mx.exp(x - m), shapeless=True)
-        self.nkv, self.rep, self.scale = nkv, rep, scale
+        self.nkv, self.rep, self.scale, self.ffn = nkv, rep, scale, ffn
 
     def softmax(self, scores, mask):
         """softmax(scores + mask) over the last axis, its exp compiled (exp_minus)."""
@@ -252,20 +252,26 @@ class _Step:
     def prompt(self, inputs, caches):
         """mlx-lm's forward pass for several tokens a sequence, with attention
         computed here: MLX's own runs Softmax's exp as a scalar loop on x86, half of
-        a 1000-token prompt's time. A kv head's query heads are one product's rows."""
+        a 1000-token prompt's time. A kv head's query heads are one product's rows.
+        q|k|v and gate|up are one product each (the fused matrices the step uses):
+        a third of the products, each bigger (one transposed copy of x for the shim's
+        packed product, one split with its helper)."""
         import mlx.core as mx
+        from mlx_lm.models.activations import swiglu
         from mlx_lm.models.base import create_attention_mask
         B, L = inputs.shape
-        nh, nkv, rep, hd = self.nh, self.nkv, self.rep, self.hd
+        nh, nkv, rep, hd, ffn = self.nh, self.nkv, self.rep, self.hd, self.ffn
         h = self.inner.embed_tokens(inputs)
         mask = create_attention_mask(h, caches[0], return_array=True)   # causal, padding
         if mask.ndim > 3:                            # B, 1, L, S -> B, 1, 1, L, S
             mask = mx.expand_dims(mask, -3)
-        for layer, cache in zip(self.inner.layers, caches):
+        for layer, cache, w in zip(self.inner.layers, caches, self.fused):
             a = layer.self_attn
-            x = layer.input_layernorm(h)
-            q, k, v = (m(x).reshape(B, L, n, hd).transpose(0, 2, 1, 3)
-                       for m, n in ((a.q_proj, nh), (a.k_proj, nkv), (a.v_proj, nkv)))
+            qkv = layer.input_layernorm(h) @ w["qkv_t"]
+            if w["extra"]:
+                qkv = qkv + w["extra"][0]
+            q, k, v = (qkv[..., i * hd:j * hd].reshape(B, L, j - i, hd).transpose(0, 2, 1, 3)
+                       for i, j in ((0, nh), (nh, nh + nkv), (nh + nkv, nh + 2 * nkv)))
             q = a.rope(q, offset=cache.offset) * self.scale
             k, v = cache.update_and_fetch(a.rope(k, offset=cache.offset), v)
             scores = q.reshape(B, nkv, rep * L, hd) @ k.swapaxes(-1, -2)
@@ -273,7 +279,8 @@ class _Step:
             o = p.reshape(B, nkv, rep * L, -1) @ v               # B, nkv, rep*L, hd
             o = o.reshape(B, nh, L, hd).transpose(0, 2, 1, 3).reshape(B, L, nh * hd)
             h = h + a.o_proj(o)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            gu = layer.post_attention_layernorm(h) @ w["gu_t"]
+            h = h + swiglu(gu[..., :ffn], gu[..., ffn:]) @ w["down_t"]
         return self.inner.norm(h) @ self.head_t
 
     def __call__(self, inputs, caches):
