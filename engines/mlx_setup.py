@@ -81,10 +81,13 @@ not help). Four prompts prefilled together cost about three times one.
 Without AVX-512 (Zen 3, AVX2: vectors of 8, 16 registers) the kernels have half the
 width and are bound by dequantizing: decode ~6 (mlx-lm) -> ~70 tok/s, a token's
 products ~15 ms of one core, so one stream shares its big ones with the helper too;
-4 streams ~150-175 tok/s, both cores busy (products ~1.1 of them, Python ~0.3,
-attention ~0.2, the helper's spinning ~0.1). The 4-row kernel runs at ~5
-multiply-adds a cycle, well below what its FMAs and loads allow; splitting its
-loads, a second weight row, or one accumulator per row did not help.
+4 streams ~140-175 tok/s, both cores busy (products ~1.1 of them, Python ~0.3,
+attention ~0.2, the helper's spinning ~0.1). The 4-row kernel runs at ~7
+multiply-adds a cycle (~25-30 GMAC/s a core), ~75% of what its FMA ports allow
+once its dequantizing FMAs count (the earlier "~5 a cycle" assumed a lower clock);
+splitting its loads, a second weight row, one accumulator per row, the bias summed
+from x instead (a multiply for the FMA) or an integer-to-float trick instead of the
+conversion did not help. Prompts of 16 rows and more take a packed product instead.
 
 Switches (environment, or the same-named lower-case attribute on the config):
     LOCALAI_MLX_BLAS        auto (shim if a C compiler exists, else OpenBLAS) |
