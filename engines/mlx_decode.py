@@ -24,7 +24,8 @@ unfused, slower but the same numbers).
 The decode step (one new token per sequence, a KVCache or BatchKVCache) takes this
 path. Prompts (several tokens a sequence, same caches) keep mlx-lm's layers except
 attention, computed here with a compiled exp: MLX's Softmax on x86 runs a scalar exp,
-half of a 1000-token prompt's time (3.0 -> 2.3 s for SmolLM2 on 2 cores). Anything
+half of a 1000-token prompt's time (3.0 -> 2.3 s for SmolLM2 on 2 cores), and the
+q|k|v and gate|up products, one each from the fused matrices. Anything
 else (no cache, input embeddings) goes through mlx-lm's own forward pass.
 Models whose rope is "traditional" (GGUF imports: pairs of adjacent dims) get the
 rows of their q and k weights permuted so that rope rotates dims (i, i+half)

@@ -702,7 +702,6 @@ struct job { int M, N, K, lda, ldb, ldc, rows; float alpha, beta;
              const float *at; int mp; };
 static struct job J;
 
-static void run_rows(const struct job *j, int n0, int n1);
 /* ---- prompts from the twins without AVX-512: a packed product ----
    The 4-row kernels dequantize each weight once per 4 rows of A and load A once per
    multiply-add: with AVX2 they are bound by the FMA ports at ~7 multiply-adds a cycle
