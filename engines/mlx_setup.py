@@ -470,6 +470,16 @@ static const vf iota16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 #else
 #define QKEEP(x0, x1) (void)0
 #endif
+/* Weight row n's first group, and in *gst the distance between its groups: a row of
+   a pair alternates with its partner (see the layout), a lone last row does not. */
+static inline const unsigned char *qrow(const struct qmat *q, int n, size_t *gst) {
+  if ((n & 1) || n + 1 < q->N) {
+    *gst = 2 * q->gbytes;
+    return q->data + (size_t)(n & ~1) * q->rbytes + (size_t)(n & 1) * q->gbytes;
+  }
+  *gst = q->gbytes;
+  return q->data + (size_t)n * q->rbytes;
+}
 /* Group g of RR weight rows (p: row 0's; row r's is r*gb further on) into every row
    of A, in units of 2*VW values: two vectors w0, w1 per weight row (4-bit: the low
    and high nibbles of VW bytes; 8-bit: 2*VW bytes). */
@@ -511,18 +521,11 @@ static const vf iota16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     }                                                                               \
     p += gst;                                                                       \
   } while (0)
-/* RR (1 or 2) output columns from weight rows n.. : where the pair's groups alternate
-   (see the layout) a row's groups are 2*gb apart, for a lone last row gb. */
+/* RR (1 or 2) output columns from weight rows n.. (qrow: where their groups are). */
 #define QROWS(MM, BITS, RR)                                                         \
   do {                                                                              \
-    const unsigned char *p;                                                         \
-    size_t gst = 2 * gb;                                                            \
-    if (RR == 2 || (n & 1) || n + 1 < q->N) {                                       \
-      p = q->data + (size_t)(n & ~1) * q->rbytes + (size_t)(n & 1) * gb;            \
-    } else {                                                                        \
-      p = q->data + (size_t)n * q->rbytes;                                          \
-      gst = gb;                                                                     \
-    }                                                                               \
+    size_t gst;                                                                     \
+    const unsigned char *p = qrow(q, n, &gst);                                      \
     vf acc[RR][MM][2];                                                              \
     for (int r = 0; r < RR; r++)                                                    \
       for (int m = 0; m < MM; m++) acc[r][m][0] = acc[r][m][1] = (vf){0};           \
@@ -724,17 +727,9 @@ static inline void st(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 /* Groups [g0, g1) of weight row n dequantized into w. */
 __attribute__((noinline)) static void qdeq_row(const struct qmat *q, int n, int g0, int g1,
                                                float *w) {
-  const size_t gb = q->gbytes;
-  size_t gst = 2 * gb;
-  const unsigned char *p;
-  if ((n & 1) || n + 1 < q->N) {
-    p = q->data + (size_t)(n & ~1) * q->rbytes + (size_t)(n & 1) * gb;
-  } else {
-    p = q->data + (size_t)n * q->rbytes;
-    gst = gb;
-  }
+  size_t gst;
+  const unsigned char *p = qrow(q, n, &gst) + (size_t)g0 * gst;
   const int gs = q->gs;
-  p += (size_t)g0 * gst;
   for (int g = g0; g < g1; g++, p += gst) {
     float s1, b1;
     __builtin_memcpy(&s1, p, sizeof s1);
@@ -777,19 +772,13 @@ __attribute__((noinline)) static void ptile2(const float *a, size_t mp, const fl
   acc[1][3] = c13; acc[1][4] = c14; acc[1][5] = c15;
 }
 
-/* Output columns [n0, n1) for the first j->mp rows of A (from j->at); 0, or -1 when
-   out of memory (nothing computed). A strip's weights are dequantized PKC values of
-   k at a time: the block (6 KB) and a tile's rows of at (16 KB) stay in L1 (whole
-   rows of K = 1536 did not). */
-static int qpacked(const struct job *j, int n0, int n1) {
+/* Output columns [n0, n1) for the first j->mp (<= QMAX_M) rows of A, from j->at. A
+   strip's weights are dequantized PKC values of k at a time: the block (6 KB) and a
+   tile's rows of at (16 KB) stay in L1 (whole rows of K = 1536 did not). */
+static void qpacked(const struct job *j, int n0, int n1) {
   const int K = j->K, mp = j->mp, gs = j->q->gs, tiles = mp / (2 * VW);
-  float *w = aligned_alloc(64, (size_t)PNR * PKC * sizeof(float));
-  vf (*acc)[2][PNR] = aligned_alloc(64, (size_t)tiles * sizeof *acc);
-  if (!w || !acc) {
-    free(w);
-    free(acc);
-    return -1;
-  }
+  float w[PNR * PKC] __attribute__((aligned(64)));
+  vf acc[QMAX_M / (2 * VW)][2][PNR];
   for (int n = n0; n < n1; n += PNR) {
     const int nr = n1 - n < PNR ? n1 - n : PNR;
     /* the next strip's weights on their way while these tiles compute: the hardware
@@ -818,9 +807,6 @@ static int qpacked(const struct job *j, int n0, int n1) {
           }
         }
   }
-  free(w);
-  free(acc);
-  return 0;
 }
 
 /* Rows [0, mp) of A (stride lda) transposed into at (K x mp). */
@@ -837,7 +823,8 @@ static void transpose_a(const float *A, int K, int lda, float *at, int mp) {
 static void run_rows(const struct job *j, int n0, int n1) {
   if (j->q) {                        /* a quantized twin */
     const qk_t *k = qkernels[j->q->gs == 32][j->q->bits == 8];
-    for (int m0 = j->at && qpacked(j, n0, n1) == 0 ? j->mp : 0; m0 < j->M; m0 += QPASS) {
+    if (j->at) qpacked(j, n0, n1);
+    for (int m0 = j->at ? j->mp : 0; m0 < j->M; m0 += QPASS) {
       int mm = j->M - m0 < QPASS ? j->M - m0 : QPASS;
       k[mm - 1](j->q, n0, n1, j->alpha, j->A + (size_t)m0 * j->lda, j->lda, j->beta,
                 j->C + (size_t)m0 * j->ldc, j->ldc);
