@@ -302,3 +302,56 @@ def test_a_request_that_waited_long_enough_goes_first(models_dir, monkeypatch):
     step = llm._SCHED.models[info.id].gen.prefill_step_size
     assert passes[0] == [step] and passes[1] == [llm.count_tokens(info, prompts["short"]) - 1, step]
     assert all(out.values())
+
+
+def test_first_token_leaves_with_the_step_that_computed_it(models_dir, monkeypatch):
+    """mlx-lm hands a token out one step after it is computed; the engine reads a
+    sequence's first token as soon as its step is done: the first piece of text
+    reaches the client during the step after the prompt's pass (not the one after
+    that), and a one-token answer is finished there too, with its prompt kept for
+    the next request. The text is the same: the first token of a longer answer,
+    and a stop string that the first token completes ends the answer empty."""
+    from engines import llm
+    from engines.catalog import Catalog
+    info = Catalog(models_dir).resolve(MODEL)
+    prompt = "Pack my box with five dozen liquor jugs. Pack my box with"
+    longer = "".join(c.text for c in llm.generate(llm.GenRequest(
+        model=info, prompt=prompt, max_tokens=6, temperature=0)))
+    forget_prompts(llm, info)
+    steps, real_step = [], llm._Scheduler._step
+
+    def counted_step(self, m):
+        real_step(self, m)
+        steps.append(time.perf_counter())
+    monkeypatch.setattr(llm._Scheduler, "_step", counted_step)
+
+    def run(max_tokens, **kw):
+        """(text, done chunk, steps done when the first text / the done chunk came)"""
+        got, when, done = [], {}, threading.Event()
+
+        def sink(item):
+            got.append(item)
+            if getattr(item, "text", "") and "text" not in when:
+                when["text"] = len(steps)
+            if getattr(item, "done", True):
+                when["done"] = len(steps)
+                done.set()
+        steps.clear()
+        stream = llm.generate(llm.GenRequest(model=info, prompt=prompt, max_tokens=max_tokens,
+                                             temperature=0, **kw))
+        stream.deliver(sink)
+        assert done.wait(60)
+        return "".join(c.text for c in got[:-1]), got[-1], when
+
+    text, last, when = run(6)
+    assert text == longer and when["text"] == 1         # during the 2nd step
+    forget_prompts(llm, info)
+    text, last, when = run(1)
+    assert (last.finish_reason, last.completion_tokens, when["done"]) == ("length", 1, 1)
+    assert longer.startswith(text) and text
+    text, last, when = run(1)
+    assert last.cached_tokens == last.prompt_tokens - 1   # the one-token answer kept its prompt
+    text, last, when = run(6, stop=[longer[:len(text)]])
+    assert (text, last.finish_reason, when["done"]) == ("", "stop", 1)
+    assert "".join(c.text for c in llm.generate(llm.GenRequest(
+        model=info, prompt=prompt, max_tokens=6, temperature=0))) == longer
