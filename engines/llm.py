@@ -441,7 +441,7 @@ class _Job(Job):
         self.loaded = None
         self.insert = None              # mlx-lm's insert arguments, until _feed
         self.prefill = 0                # prompt tokens still to compute (after the cache)
-        self.early = None               # the first token, if _first_tokens handed it out
+        self.early = None               # a token _tokens_now handed out before the batch
 
     def close(self):
         if not self.closed.is_set():
@@ -672,9 +672,9 @@ _STEP_ATTRS = ("model", "uids", "prompt_cache", "tokens", "samplers",
                "logits_processors", "_next_tokens", "_next_logprobs")
 
 
-class _FirstToken:
-    """A first token read early (_Scheduler._first_tokens), shaped like mlx-lm's
-    generation response."""
+class _EarlyToken:
+    """A token read as soon as it is computed (_Scheduler._tokens_now), shaped like
+    mlx-lm's generation response."""
     __slots__ = ("uid", "token", "finish_reason")
     prompt_cache = all_tokens = None
 
@@ -1092,15 +1092,21 @@ class _Scheduler:
                 for _uid, (cache, toks) in m.gen.extract_cache([r.uid]).items():
                     _keep_cache(m, toks, cache, cache_type=kind)
         finished = []
-        for r in self._first_tokens(m, prompt_resps) + list(gen_resps):
-            job = m.jobs.get(r.uid)
-            if job is None:
-                continue
-            if job.early is not None and not isinstance(r, _FirstToken):
-                job.early = None             # this token went out a step ago
-                continue
-            if self._on_token(m, job, r):
-                finished.append(job)
+
+        def feed(responses):
+            for r in responses:
+                job = m.jobs.get(r.uid)
+                if job is None or job in finished:
+                    continue
+                if job.early is not None and not isinstance(r, _EarlyToken):
+                    job.early = None         # this token went out a step ago
+                    continue
+                if self._on_token(m, job, r):
+                    finished.append(job)
+        feed(self._tokens_now(m, [r.uid for r in prompt_resps if r.end_of_prompt]))
+        feed(gen_resps)
+        feed(self._tokens_now(m, [uid for uid, j in m.jobs.items() if j not in finished
+                                  and j.early is None and j.n_out == j.max_tokens - 1]))
         if finished:
             live = [j.uid for j in finished if not j.finished]
             for j in finished:
@@ -1114,27 +1120,29 @@ class _Scheduler:
             for j in finished:
                 m.touch(j.req.keep_alive)
 
-    def _first_tokens(self, m, prompt_resps):
-        """The first token of each sequence whose prompt just finished, read now:
-        mlx-lm hands a token out with the next step's (it computes token t+1 while
-        t goes out), so a first token would wait a whole step more (~15 ms a token
-        for SmolLM2 on 2 cores, 25 with 4 streams). The next step's copy of the
-        token is skipped (job.early); a first token that ends the request (end of
-        sequence, max_tokens 1) ends it now, and the sequence leaves the batch as
-        after a stop string."""
+    def _tokens_now(self, m, uids):
+        """The tokens the batch is computing for these sequences, read now: mlx-lm
+        hands token t out with the next step (it computes t+1 while t goes out), so
+        each would wait a whole step more (~15 ms for SmolLM2 on 2 cores, ~25 with 4
+        streams). The engine reads a sequence's first token so (its prompt just
+        finished: a step sooner to the first token) and its last by max_tokens (the
+        answer ends a step sooner, and no step is computed after it). The next
+        step's copy of a token read so is skipped (job.early). A token that ends the
+        answer (end of sequence, max_tokens, a stop string) ends it now, and the
+        sequence leaves the batch (_dropped; as after a stop string)."""
         gb = getattr(m.gen, "_generation_batch", None)
-        new = [r.uid for r in prompt_resps if r.end_of_prompt and r.uid in m.jobs]
-        if not new or gb is None or getattr(gb, "_next_tokens", None) is None:
+        uids = [uid for uid in uids if uid in m.jobs]
+        if not uids or gb is None or getattr(gb, "_next_tokens", None) is None:
             return []
         at = {uid: i for i, uid in enumerate(gb.uids)}
         tokens = gb._next_tokens.tolist()
         out = []
-        for uid in new:
+        for uid in uids:
             job, i = m.jobs[uid], at.get(uid)
             if i is not None:
                 job.early = t = tokens[i]
-                out.append(_FirstToken(uid, t, "stop" if t in job.eos else
-                                       "length" if job.max_tokens <= 1 else None))
+                out.append(_EarlyToken(uid, t, "stop" if t in job.eos else "length"
+                                       if job.n_out + 1 >= job.max_tokens else None))
         return out
 
     def _on_token(self, m, job, r):
@@ -1165,13 +1173,16 @@ class _Scheduler:
         return True
 
     def _dropped(self, m, job, r):
-        """The batch finished job itself (it is out of the batch already): keep
-        its KV cache for the next turn. A first token read early is not finished
-        by the batch: the job leaves it like one stopped by a stop string."""
-        if isinstance(r, _FirstToken):
-            return
+        """Job ended by its token r: keep its KV cache for the next turn (before its
+        done chunk goes out). The batch finished it itself (it is out of the batch
+        already), or a token read early (_tokens_now) ended it: it leaves the batch
+        now."""
         job.finished = True
-        if r.prompt_cache is not None:
+        if isinstance(r, _EarlyToken):
+            for _uid, (cache, toks) in m.gen.remove([job.uid],
+                                                    return_prompt_caches=True).items():
+                _keep_cache(m, toks, cache)
+        elif r.prompt_cache is not None:
             _keep_cache(m, r.all_tokens, r.prompt_cache)
 
     def _finish(self, job, reason):

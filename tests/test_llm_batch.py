@@ -304,20 +304,20 @@ def test_a_request_that_waited_long_enough_goes_first(models_dir, monkeypatch):
     assert all(out.values())
 
 
-def test_first_token_leaves_with_the_step_that_computed_it(models_dir, monkeypatch):
+def test_first_and_last_tokens_leave_with_the_step_that_computed_them(models_dir,
+                                                                     monkeypatch):
     """mlx-lm hands a token out one step after it is computed; the engine reads a
-    sequence's first token as soon as its step is done: the first piece of text
-    reaches the client during the step after the prompt's pass (not the one after
-    that), and a one-token answer is finished there too, with its prompt kept for
-    the next request. The text is the same: the first token of a longer answer,
-    and a stop string that the first token completes ends the answer empty."""
+    sequence's first token and its last (by max_tokens) as soon as their steps are
+    done: the first piece of text reaches the client during the step after the
+    prompt's pass (not the one after that), an answer of n tokens ends during the
+    n-th step after it (not the n+1-th), and a one-token answer ends with its first
+    token, its prompt kept for the next request. The text is the same: the first
+    token of a longer answer, and a stop string that the first token completes ends
+    the answer empty."""
     from engines import llm
     from engines.catalog import Catalog
     info = Catalog(models_dir).resolve(MODEL)
     prompt = "Pack my box with five dozen liquor jugs. Pack my box with"
-    longer = "".join(c.text for c in llm.generate(llm.GenRequest(
-        model=info, prompt=prompt, max_tokens=6, temperature=0)))
-    forget_prompts(llm, info)
     steps, real_step = [], llm._Scheduler._step
 
     def counted_step(self, m):
@@ -341,16 +341,24 @@ def test_first_token_leaves_with_the_step_that_computed_it(models_dir, monkeypat
                                              temperature=0, **kw))
         stream.deliver(sink)
         assert done.wait(60)
+        deadline = time.monotonic() + 30         # the step that ended it is over:
+        while len(steps) <= when["done"]:        # its prompt is in the cache now
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
         return "".join(c.text for c in got[:-1]), got[-1], when
 
+    longer, last, when = run(6)
+    forget_prompts(llm, info)
     text, last, when = run(6)
-    assert text == longer and when["text"] == 1         # during the 2nd step
+    assert text == longer and last.completion_tokens == 6
+    assert (when["text"], when["done"]) == (1, 6)       # during the 2nd and 7th steps
     forget_prompts(llm, info)
     text, last, when = run(1)
     assert (last.finish_reason, last.completion_tokens, when["done"]) == ("length", 1, 1)
     assert longer.startswith(text) and text
     text, last, when = run(1)
     assert last.cached_tokens == last.prompt_tokens - 1   # the one-token answer kept its prompt
+    forget_prompts(llm, info)
     text, last, when = run(6, stop=[longer[:len(text)]])
     assert (text, last.finish_reason, when["done"]) == ("", "stop", 1)
     assert "".join(c.text for c in llm.generate(llm.GenRequest(
