@@ -1114,9 +1114,7 @@ class _Scheduler:
                 m.jobs.pop(j.uid, None)
             # those stopped by a stop string are still in the batch: take them out
             if live:
-                caches = m.gen.remove(live, return_prompt_caches=True)
-                for _uid, (cache, toks) in caches.items():
-                    _keep_cache(m, toks, cache)
+                self._leave_batch(m, live)
             for j in finished:
                 m.touch(j.req.keep_alive)
 
@@ -1179,11 +1177,14 @@ class _Scheduler:
         now."""
         job.finished = True
         if isinstance(r, _EarlyToken):
-            for _uid, (cache, toks) in m.gen.remove([job.uid],
-                                                    return_prompt_caches=True).items():
-                _keep_cache(m, toks, cache)
+            self._leave_batch(m, [job.uid])
         elif r.prompt_cache is not None:
             _keep_cache(m, r.all_tokens, r.prompt_cache)
+
+    def _leave_batch(self, m, uids):
+        """Take these sequences out of mlx-lm's batch, their KV caches kept."""
+        for _uid, (cache, toks) in m.gen.remove(uids, return_prompt_caches=True).items():
+            _keep_cache(m, toks, cache)
 
     def _finish(self, job, reason):
         job.put(done_chunk(
