@@ -13,13 +13,16 @@ on a CPU:
 Why: MLX's CPU backend runs the "fast" ops (rms_norm, rope, scaled-dot-product
 attention) as their composed fallbacks, so one decoded token of SmolLM2-135M was a
 graph of ~4,300 nodes (874 of them Broadcast) at ~3 us of scheduling each: ~13 ms
-of a ~25 ms step, beside ~12.7 ms of matrix products. The step below is ~1,300
+of a ~25 ms step, beside ~12.7 ms of matrix products. The step below is ~1,100
 nodes: per layer one q|k|v product and one gate|up product (the weights are
 concatenated once; the modules' own weights become views of them, so the memory
 is the same), rope's cos/sin computed once per token for all layers, attention
-grouped by kv head without repeats, and the elementwise work fused by
-`mx.compile` (which needs g++ on Linux; without it MLX runs the same graph
-unfused, slower but the same numbers).
+grouped by kv head without repeats, the mask made additive once per step, softmax
+normalised after the product with v (on hd values, not S), the new keys and values
+written into the caches' buffers by the step itself, and the elementwise work fused
+by `mx.compile` (which needs g++ on Linux; without it MLX runs the same graph
+unfused, slower but the same numbers), a layer's end and the next one's start in
+one compiled call. Building it takes Python ~1.3 ms a step (was ~2.7 ms).
 
 The decode step (one new token per sequence, a KVCache or BatchKVCache) takes this
 path. Prompts (several tokens a sequence, same caches) keep mlx-lm's layers except
@@ -222,19 +225,35 @@ class _Step:
             q = r[:, :nh].reshape(B, nkv, rep, hd)
             return q, r[:, nh:nh + nkv], r[:, nh + nkv:]          # q, k, v
 
-        def post(x, o, o_t, n2, gu_t, down_t):
-            h = mx.addmm(x, o, o_t)                  # x + o @ o_t in one product
+        def post(x, o, l, o_t, n2, gu_t, down_t):
+            # o: attention's unnormalised output (exp(scores) @ v), l: its row sums
+            h = mx.addmm(x, (o / l).reshape(x.shape[0], -1), o_t)   # x + o @ o_t
             gu = mx.fast.rms_norm(h, n2, eps) @ gu_t
             return mx.addmm(h, nn.silu(gu[:, :ffn]) * gu[:, ffn:], down_t)
 
         def final(x, n, w_t):
             return mx.fast.rms_norm(x, n, eps) @ w_t
 
+        # A layer's post and the next layer's pre are one compiled call (the last
+        # post and final one too): each call of a compiled function costs ~10 us of
+        # Python and argument handling, 61 of them a step before.
+        def mid(x, o, l, c, s, o_t, n2, gu_t, down_t, n1, qkv_t, *bias):
+            h = post(x, o, l, o_t, n2, gu_t, down_t)
+            return (h,) + pre(h, n1, qkv_t, c, s, *bias)
+
+        def last(x, o, l, o_t, n2, gu_t, down_t, n, w_t):
+            return final(post(x, o, l, o_t, n2, gu_t, down_t), n, w_t)
+
         # Per head (q, k, v) along axis 1: the scale of rope's cos/sin, and what a
         # head keeps of itself (v heads: all of it, no rotation).
         self.head_scale = mx.array([scale] * nh + [1.0] * nkv + [0.0] * nkv).reshape(1, heads, 1, 1)
         self.head_keep = mx.array([0.0] * (nh + nkv) + [1.0] * nkv).reshape(1, heads, 1, 1)
-        self.pre, self.post, self.final = mx.compile(pre), mx.compile(post), mx.compile(final)
+        self.pre, self.mid, self.last = mx.compile(pre), mx.compile(mid), mx.compile(last)
+        # Each layer's weights in the order mid/last take them.
+        self.mid_args = [(w["o_t"], w["n2"], w["gu_t"], w["down_t"], nx["n1"], nx["qkv_t"])
+                         + nx["extra"] for w, nx in zip(fused, fused[1:])]
+        self.last_args = (fused[-1]["o_t"], fused[-1]["n2"], fused[-1]["gu_t"],
+                          fused[-1]["down_t"], inner.norm.weight, self.head_t)
         # Attention's softmax with its exp compiled (native FMA, ~3x cheaper than
         # MLX's Softmax on x86). Only the elementwise part: a shapeless compiled
         # softmax with its reductions crashed MLX 0.32 once batches changed size.
@@ -301,16 +320,66 @@ class _Step:
         c, s = cs[:, :, :1], cs[:, :, 1:]
         c = mx.concatenate([c, c], axis=2) * self.head_scale + self.head_keep
         s = mx.concatenate([-s, s], axis=2) * self.head_scale
-        for i, (w, cache) in enumerate(zip(self.fused, caches)):
-            q, k, v = self.pre(h, w["n1"], w["qkv_t"], c, s, *w["extra"])
-            k, v = cache.update_and_fetch(k, v)
+        if mask is not None:                 # additive, broadcast once for every layer
+            if mask.dtype == mx.bool_:
+                mask = mx.where(mask, 0.0, mx.finfo(mx.float32).min)
+            mask = mx.broadcast_to(mask, (B, self.nkv, self.rep, mask.shape[-1]))
+        pos = _write_position(caches)
+        at = None if pos is None else mx.array([pos])
+        w = self.fused[0]
+        q, k, v = self.pre(h, w["n1"], w["qkv_t"], c, s, *w["extra"])
+        for i, cache in enumerate(caches):
+            if at is None:
+                k, v = cache.update_and_fetch(k, v)
+            else:                            # what update_and_fetch does, in 4 nodes
+                cache.keys = mx.slice_update(cache.keys, k, at, (2,))
+                cache.values = mx.slice_update(cache.values, v, at, (2,))
+                k, v = cache.keys[:, :, :pos + 1], cache.values[:, :, :pos + 1]
             scores = q @ k.swapaxes(-1, -2)                  # B, nkv, rep, S
-            o = self.softmax(scores, mask) @ v
-            h = self.post(h, o.reshape(B, self.nh * self.hd), w["o_t"], w["n2"], w["gu_t"],
-                          w["down_t"])
-            if i % ENCODE_LAYERS == ENCODE_LAYERS - 1:
-                mx.async_eval(h)
-        return self.final(h, self.inner.norm.weight, self.head_t)[:, None, :]
+            if mask is not None:
+                scores = scores + mask
+            e = self.exp_minus(scores, mx.max(scores, axis=-1, keepdims=True))
+            o, l = e @ v, mx.sum(e, axis=-1, keepdims=True)
+            if i == len(self.mid_args):
+                logits = self.last(h, o, l, *self.last_args)
+            else:
+                h, q, k, v = self.mid(h, o, l, c, s, *self.mid_args[i])
+                if i % ENCODE_LAYERS == ENCODE_LAYERS - 1:
+                    mx.async_eval(h)
+        if pos is not None:
+            _advance(caches, pos)
+        return logits[:, None, :]
+
+
+def _write_position(caches):
+    """Where this step's token goes in every layer's KV buffer, when each buffer has
+    room for it (else None: mlx-lm's update_and_fetch grows them). The step then
+    writes it with one dynamic slice update per buffer and advances every cache's
+    offset once (_advance): update_and_fetch, ~30 us of Python a layer (its slice
+    assignments parse their indices, each layer adds 1 to its own offset array),
+    was a third of the step's graph building."""
+    c0 = caches[0]
+    batch = hasattr(c0, "_idx")              # BatchKVCache; KVCache keeps an int offset
+    pos = c0._idx if batch else c0.offset
+    for c in caches:
+        if c.keys is None or pos >= c.keys.shape[2] or (c._idx if batch else c.offset) != pos:
+            return None
+    return pos
+
+
+def _advance(caches, pos):
+    """Every cache one position on, as update_and_fetch would have left it. The
+    batch's offsets (an array per sequence, the same in every layer) are computed
+    once and shared: mlx-lm only ever replaces a cache's offset, never updates it in
+    place."""
+    c0 = caches[0]
+    if hasattr(c0, "_idx"):
+        off = c0.offset + 1
+        for c in caches:
+            c.offset, c._idx = off, pos + 1
+    else:
+        for c in caches:
+            c.offset = pos + 1
 
 
 def _fast_call(self, inputs, cache=None, input_embeddings=None, **kw):

@@ -44,8 +44,10 @@ for arch in ARGS:
     ref, fast = pair(arch)
     why = mlx_decode.install(fast)
     worst = 0.0
-    # One sequence, plain KVCache; then a left-padded batch of three, BatchKVCache.
-    for lengths in ([7], [5, 9, 3]):
+    # One sequence, plain KVCache; then a left-padded batch of three, BatchKVCache;
+    # then both with decode steps that cross the caches' 256-position buffers (the
+    # step writes into them itself, update_and_fetch grows them).
+    for lengths in ([7], [5, 9, 3], [252], [250, 253]):
         n = max(lengths)
         pad = [n - L for L in lengths]
         toks = mx.array([[0] * p + [(3 * i + 5 * j) % 100 + 1 for j in range(L)]
@@ -66,6 +68,16 @@ for arch in ARGS:
             lf = fast(y, cache=caches[1])
             worst = max(worst, float(mx.abs(lr - lf).max() / (mx.abs(lr).max() + 1e-6)))
             y = lr[:, -1:].argmax(-1)
+        # the caches are left as mlx-lm's own steps leave them
+        for cr, cf in zip(*caches):
+            assert mx.array_equal(mx.array(cr.offset), mx.array(cf.offset)), (cr.offset, cf.offset)
+            assert getattr(cr, "_idx", None) == getattr(cf, "_idx", None)
+            assert cr.keys.shape == cf.keys.shape, (cr.keys.shape, cf.keys.shape)
+            kr, vr = cr.state[:2]
+            kf, vf = cf.state[:2]
+            worst = max(worst, float(mx.abs(vr - vf).max()))
+            if not ref.layers[0].self_attn.rope.traditional:   # else keys' dims permuted
+                worst = max(worst, float(mx.abs(kr - kf).max()))
     out[arch] = {"why": why, "worst": worst, "class": type(fast).__name__,
                  "matrices": len(mlx_decode.weights(fast))}
 
