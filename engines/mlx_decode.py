@@ -261,11 +261,11 @@ class _Step:
         self.nkv, self.rep, self.scale, self.ffn = nkv, rep, scale, ffn
 
     def softmax(self, scores, mask):
-        """softmax(scores + mask) over the last axis, its exp compiled (exp_minus)."""
+        """softmax(scores + mask) over the last axis (mask: additive, see _additive,
+        or None), its exp compiled (exp_minus)."""
         import mlx.core as mx
         if mask is not None:
-            scores = (mx.where(mask, scores, mx.finfo(mx.float32).min)
-                      if mask.dtype == mx.bool_ else scores + mask)
+            scores = scores + mask
         e = self.exp_minus(scores, mx.max(scores, axis=-1, keepdims=True))
         return e / mx.sum(e, axis=-1, keepdims=True)
 
@@ -285,6 +285,7 @@ class _Step:
         mask = create_attention_mask(h, caches[0], return_array=True)   # causal, padding
         if mask.ndim > 3:                            # B, 1, L, S -> B, 1, 1, L, S
             mask = mx.expand_dims(mask, -3)
+        mask = _additive(mask)
         for layer, cache, w in zip(self.inner.layers, caches, self.fused):
             a = layer.self_attn
             qkv = layer.input_layernorm(h) @ w["qkv_t"]
@@ -320,10 +321,8 @@ class _Step:
         c, s = cs[:, :, :1], cs[:, :, 1:]
         c = mx.concatenate([c, c], axis=2) * self.head_scale + self.head_keep
         s = mx.concatenate([-s, s], axis=2) * self.head_scale
-        if mask is not None:                 # additive, broadcast once for every layer
-            if mask.dtype == mx.bool_:
-                mask = mx.where(mask, 0.0, mx.finfo(mx.float32).min)
-            mask = mx.broadcast_to(mask, (B, self.nkv, self.rep, mask.shape[-1]))
+        if mask is not None:                 # broadcast once for every layer
+            mask = mx.broadcast_to(_additive(mask), (B, self.nkv, self.rep, mask.shape[-1]))
         pos = _write_position(caches)
         at = None if pos is None else mx.array([pos])
         w = self.fused[0]
@@ -349,6 +348,14 @@ class _Step:
         if pos is not None:
             _advance(caches, pos)
         return logits[:, None, :]
+
+
+def _additive(mask):
+    """An attention mask to add to the scores: a boolean one becomes 0 where it keeps
+    and float32's lowest where it masks (what a where() per layer gave), once per
+    pass; an additive one (float) stays."""
+    import mlx.core as mx
+    return mx.where(mask, 0.0, mx.finfo(mx.float32).min) if mask.dtype == mx.bool_ else mask
 
 
 def _write_position(caches):
