@@ -79,15 +79,14 @@ already working on a short product it was asleep for (waking a thread on this VM
 takes longer than o_proj's product; waking it early, at attention's products, did
 not help). Four prompts prefilled together cost about three times one.
 Without AVX-512 (Zen 3, AVX2: vectors of 8, 16 registers) the kernels have half the
-width and are bound by dequantizing: decode ~6 (mlx-lm) -> ~70 tok/s, a token's
-products ~15 ms of one core, so one stream shares its big ones with the helper too;
-4 streams ~140-175 tok/s, both cores busy (products ~1.1 of them, Python ~0.3,
-attention ~0.2, the helper's spinning ~0.1). The 4-row kernel runs at ~7
-multiply-adds a cycle (~25-30 GMAC/s a core), ~75% of what its FMA ports allow
-once its dequantizing FMAs count (the earlier "~5 a cycle" assumed a lower clock);
-splitting its loads, a second weight row, one accumulator per row, the bias summed
-from x instead (a multiply for the FMA) or an integer-to-float trick instead of the
-conversion did not help. Prompts of 16 rows and more take a packed product instead.
+width: decode ~6 (mlx-lm) -> ~75-80 tok/s, one stream sharing its big products with
+the helper too; 4 streams ~165-185 tok/s, both cores busy. There the twins are laid
+out for vectors across 16 weight rows (see the layout in the shim): each row of A
+takes a broadcast of x[k] and two FMAs per k, a group's scale and bias apply once
+per group (scale * sum(q*x) + bias * sum(x)), and every cache line of a block's
+group is prefetched. A decode step's 121 products of SmolLM2 on two threads: one
+row ~10 -> ~7.5 ms, four rows ~11.2 -> ~9.5 ms (vectors along k before: four loads
+of A per five multiply-adds, one prefetch per group). Prompts of 16 rows and more take a packed product instead.
 
 Switches (environment, or the same-named lower-case attribute on the config):
     LOCALAI_MLX_BLAS        auto (shim if a C compiler exists, else OpenBLAS) |
@@ -348,12 +347,21 @@ static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
 /* ---- quantized twins: a registered float32 weight matrix W (N x K, the B of
    x @ W^T) is read from its MLX affine-quantized form instead, w = scale*q + bias per
    group of gs values along K (0.6-1.25 bytes a weight instead of 4).
-   Layout, per weight row, per group: float scale, float bias, then the group's q:
-   8-bit one byte each in order; 4-bit in chunks of 2*VW values where byte i holds
-   value i (low nibble) and value VW+i (high nibble): one load and a shift give two
-   vectors. Rows 2i and 2i+1 alternate group by group (the kernel reads two
-   rows as one stream); a lone last row follows. A group is dequantized once and used
-   for all M rows of A. */
+   Two layouts; a group is dequantized once and used for all M rows of A.
+   With AVX-512 (VW 16), vectors along k: per weight row, per group: float scale,
+   float bias, then the group's q: 8-bit one byte each in order; 4-bit in chunks of
+   2*VW values where byte i holds value i (low nibble) and value VW+i (high nibble):
+   one load and a shift give two vectors. Rows 2i and 2i+1 alternate group by group
+   (the kernel reads two rows as one stream); a lone last row follows.
+   Otherwise (AVX2, VW 8), vectors across weight rows: blocks of QB = 2*VW rows (the
+   last padded with zeros); per block, per group: QB float scales, QB float biases,
+   then for each k of the group the block's QB values (8-bit: QB bytes in row order;
+   4-bit: VW bytes, byte i holding row i in its low nibble and row VW+i in its high
+   one). One load and a shift give a k's values as two vectors of outputs; each row
+   of A takes a broadcast of its x[k] and two FMAs, and no horizontal sums. With
+   vectors along k, four rows of A cost four loads of A for five multiply-adds per
+   vector, and the 4-row kernel ran at half the FMA ports' rate (Zen 3: a 3072x576
+   4-bit product of 4 rows, 475 -> 293 us, bench/quant_bench.py). */
 /* Products of up to QMAX_M rows of A take the twin (decoding, short prompts), in
    passes of up to QPASS rows (the block of B stays in L1/L2). OpenBLAS's float32 sgemm
    reads 4 bytes a weight and packs them: SmolLM2's 120 layer products with 26 rows
@@ -371,7 +379,9 @@ static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
    4.5 -> 3.9 ms, four rows 6.2 -> 5.2 ms; 512 was slower than none, 8192 no better). */
 #define QPREFETCH 4096
 struct chunk;
-struct qmat { const float *key; int N, K, bits, gs; size_t gbytes, rbytes;
+/* gbytes: a weight row's bytes of one group; rbytes: of all its groups; bytes: the
+   twin's (padded) */
+struct qmat { const float *key; int N, K, bits, gs; size_t gbytes, rbytes, bytes;
               unsigned char *data; struct chunk *chunk; };
 /* Twins live in chunks of 2 MB-aligned memory that the kernel may back with huge
    pages (Linux, transparent huge pages "always" or "madvise"): a token reads every
@@ -449,6 +459,7 @@ static inline iv ldq(const unsigned char *p) {
 }
 #endif
 static inline vf cvt(iv u) { return __builtin_convertvector(u, vf); }
+static inline void st(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 /* 4-bit with AVX-512: the group's 16 possible values, scale*j + bias, are computed
    once and each nibble picks its value with a permute (vpermps reads only an index's
    low 4 bits), instead of a conversion and an FMA per vector: the same values.
@@ -470,6 +481,8 @@ static const vf iota16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 #else
 #define QKEEP(x0, x1) (void)0
 #endif
+#if VW == 16
+#define QALIGN 2         /* a twin's rows come in pairs (a view starts on one) */
 /* Weight row n's first group, and in *gst the distance between its groups: a row of
    a pair alternates with its partner (see the layout), a lone last row does not. */
 static inline const unsigned char *qrow(const struct qmat *q, int n, size_t *gst) {
@@ -568,6 +581,86 @@ static inline const unsigned char *qrow(const struct qmat *q, int n, size_t *gst
       }                                                                             \
     }                                                                               \
   }
+#else
+#define QB (2 * VW)       /* weight rows a block */
+#define QALIGN QB
+/* Sets of accumulators: k values h, h+P, ... of a group go to set h, so that one or
+   two rows of A still keep 8 independent chains (an FMA takes 4 cycles). */
+#define QPH(MM) ((MM) == 1 ? 4 : (MM) == 2 ? 2 : 1)
+/* Output columns [n0, n1) (n0 at a block) for MM (<= 4) rows of A. A group's sum is
+   scale * sum(q * x) + bias * sum(x): its q are converted to float and multiplied by
+   x directly, and its scale and bias are applied once per group and row of A (the
+   rows' sums of x per group are computed once a call), not once per weight:
+   4 rows of A take 8 FMAs per k of a block instead of 10 (a 3072x576 4-bit product
+   of 4 rows 240 -> 205 us, of 1 row 140 -> 130 us, Zen 3). GS: the group size when
+   known at compile time (32, the common one), else 0. */
+#define QK(MM, BITS, GS)                                                            \
+  static void qk##BITS##_##MM##_##GS(const struct qmat *q, int n0, int n1,          \
+                                     float alpha, const float *A, int lda,          \
+                                     float beta, float *C, int ldc) {               \
+    enum { P = QPH(MM) };                                                           \
+    const int gs = GS ? GS : q->gs, G = q->K / gs;                                  \
+    const size_t gst = QB * q->gbytes;                                              \
+    float xs[MM][G];                                                                \
+    for (int m = 0; m < MM; m++)                                                    \
+      for (int g = 0; g < G; g++) {                                                 \
+        vf t = (vf){0};                                                             \
+        for (int k = 0; k < gs; k += VW) t += ld(A + (size_t)m * lda + g * gs + k); \
+        xs[m][g] = hsum(t);                                                         \
+      }                                                                             \
+    for (int n = n0; n < n1; n += QB) {                                             \
+      const unsigned char *p = q->data + (size_t)n * q->rbytes;                     \
+      vf y[MM][2];                                                                  \
+      for (int m = 0; m < MM; m++) y[m][0] = y[m][1] = (vf){0};                     \
+      const float *a = A;                                                           \
+      for (int g = 0; g < G; g++, p += gst) {                                       \
+        for (size_t o = 0; o < gst; o += 64) __builtin_prefetch(p + QPREFETCH + o); \
+        const unsigned char *d = p + 4 * VW * sizeof(float);                        \
+        vf acc[P][MM][2];                                                           \
+        for (int h = 0; h < P; h++)                                                 \
+          for (int m = 0; m < MM; m++) acc[h][m][0] = acc[h][m][1] = (vf){0};       \
+        _Pragma("GCC unroll 8") for (int u = 0; u < gs; u += P, a += P)             \
+          _Pragma("GCC unroll 4") for (int h = 0; h < P; h++) {                     \
+            vf f0, f1;                                                              \
+            if (BITS == 4) {                                                        \
+              const iv q4 = ldq(d);                                                 \
+              f0 = cvt(q4 & 15);                                                    \
+              f1 = cvt(q4 >> 4);                                                    \
+              d += VW;                                                              \
+            } else {                                                                \
+              f0 = cvt(ldq(d));                                                     \
+              f1 = cvt(ldq(d + VW));                                                \
+              d += 2 * VW;                                                          \
+            }                                                                       \
+            _Pragma("GCC unroll 4") for (int m = 0; m < MM; m++) {                  \
+              const vf x = a[(size_t)m * lda + h] - (vf){0};                        \
+              acc[h][m][0] += f0 * x;                                               \
+              acc[h][m][1] += f1 * x;                                               \
+            }                                                                       \
+          }                                                                         \
+        const float *sb = (const float *)p;                                         \
+        const vf s0 = ld(sb), s1 = ld(sb + VW), b0 = ld(sb + 2 * VW),               \
+                 b1 = ld(sb + 3 * VW);                                              \
+        for (int m = 0; m < MM; m++) {                                              \
+          vf t0 = acc[0][m][0], t1 = acc[0][m][1];                                  \
+          for (int h = 1; h < P; h++) t0 += acc[h][m][0], t1 += acc[h][m][1];       \
+          const vf xg = xs[m][g] - (vf){0};                                         \
+          y[m][0] += t0 * s0 + b0 * xg;                                             \
+          y[m][1] += t1 * s1 + b1 * xg;                                             \
+        }                                                                           \
+      }                                                                             \
+      const int nr = n1 - n < QB ? n1 - n : QB;                                     \
+      for (int m = 0; m < MM; m++) {                                                \
+        float r[QB];                                                                \
+        st(r, y[m][0]);                                                             \
+        st(r + VW, y[m][1]);                                                        \
+        float *c = C + (size_t)m * ldc + n;                                         \
+        for (int i = 0; i < nr; i++)                                                \
+          c[i] = beta == 0.f ? alpha * r[i] : alpha * r[i] + beta * c[i];           \
+      }                                                                             \
+    }                                                                               \
+  }
+#endif
 #define QK4(BITS, GS) QK(1, BITS, GS) QK(2, BITS, GS) QK(3, BITS, GS) QK(4, BITS, GS)
 QK4(4, 32) QK4(8, 32) QK4(4, 0) QK4(8, 0)
 typedef void (*qk_t)(const struct qmat *, int, int, float, const float *, int, float,
@@ -599,8 +692,8 @@ static int qpos(const float *key) {              /* entries with keys <= key; un
 }
 
 /* 1 and *view = the twin of B's rows, if B (N x K, row stride ldb) is rows r0.. of a
-   registered matrix, r0 even and the range not ending inside a pair of rows (the
-   layout pairs them); else 0. */
+   registered matrix, r0 a multiple of QALIGN and the range not ending inside a pair
+   or block of rows (the layouts group them); else 0. */
 static int qfind(const float *B, int N, int K, int ldb, struct qmat *view) {
   if (atomic_load_explicit(&q_count, memory_order_relaxed) == 0) return 0;
   int found = 0;
@@ -610,8 +703,8 @@ static int qfind(const float *B, int N, int K, int ldb, struct qmat *view) {
     const struct qmat *q = qs[i];                /* q->K > 0 (registration checks) */
     size_t off = (uintptr_t)B - (uintptr_t)q->key, row = (size_t)q->K * sizeof(float);
     size_t r0 = off / row;
-    if (q->K == K && ldb == K && off % row == 0 && r0 % 2 == 0 && r0 + N <= (size_t)q->N
-        && (N % 2 == 0 || r0 + N == (size_t)q->N)) {
+    if (q->K == K && ldb == K && off % row == 0 && r0 % QALIGN == 0
+        && r0 + N <= (size_t)q->N && (N % QALIGN == 0 || r0 + N == (size_t)q->N)) {
       *view = *q;
       view->data += r0 * q->rbytes;
       view->N = q->N - (int)r0;
@@ -629,7 +722,7 @@ static struct qmat *qunlink(const float *key) {   /* under qmu */
   __builtin_memmove(qs + i, qs + i + 1, (size_t)(qn - i - 1) * sizeof *qs);
   qn--;
   atomic_fetch_sub(&q_count, 1);
-  atomic_fetch_sub(&q_bytes, (long)(q->rbytes * q->N));
+  atomic_fetch_sub(&q_bytes, (long)q->bytes);
   return q;
 }
 
@@ -648,30 +741,56 @@ int localai_quant_register(const float *key, int N, int K, int bits, int gs,
   q->key = key; q->N = N; q->K = K; q->bits = bits; q->gs = gs;
   q->gbytes = 2 * sizeof(float) + (size_t)gs * bits / 8;
   q->rbytes = (size_t)(K / gs) * q->gbytes;
+  const int G = K / gs, wpr = K * bits / 32, mask = (1 << bits) - 1;
+#define QVAL(n, e) ((int)(packed[(size_t)(n) * wpr + (size_t)(e) * bits / 32]            \
+                          >> ((size_t)(e) * bits % 32)) & mask)
+#if VW == 16
   size_t total = q->rbytes * N;
   q->data = arena_alloc(total, &q->chunk);
   if (!q->data) { free(q); return -2; }
-  const int wpr = K * bits / 32, mask = (1 << bits) - 1;
   for (int n = 0; n < N; n++) {
-    const uint32_t *row = packed + (size_t)n * wpr;
     /* rows 2i and 2i+1 alternate group by group; a lone last row is on its own */
     int paired = (n & 1) || n + 1 < N;
     unsigned char *p = q->data + (size_t)(n & ~1) * q->rbytes + (size_t)(n & 1) * q->gbytes;
-    for (int g = 0; g < K / gs; g++, p += (paired ? 2 : 1) * q->gbytes) {
-      float sb[2] = {scales[(size_t)n * (K / gs) + g], biases[(size_t)n * (K / gs) + g]};
+    for (int g = 0; g < G; g++, p += (paired ? 2 : 1) * q->gbytes) {
+      float sb[2] = {scales[(size_t)n * G + g], biases[(size_t)n * G + g]};
       __builtin_memcpy(p, sb, sizeof sb);
       unsigned char *d = p + sizeof sb;
-#define QVAL(e) ((int)(row[(size_t)(e) * bits / 32] >> ((size_t)(e) * bits % 32)) & mask)
       if (bits == 8) {
-        for (int i = 0; i < gs; i++) d[i] = (unsigned char)QVAL(g * gs + i);
+        for (int i = 0; i < gs; i++) d[i] = (unsigned char)QVAL(n, g * gs + i);
       } else {
         for (int c = 0; c < gs; c += 2 * VW)
           for (int i = 0; i < VW; i++)
-            *d++ = (unsigned char)(QVAL(g * gs + c + i) | QVAL(g * gs + c + VW + i) << 4);
+            *d++ = (unsigned char)(QVAL(n, g * gs + c + i) | QVAL(n, g * gs + c + VW + i) << 4);
       }
-#undef QVAL
     }
   }
+#else
+  size_t total = q->rbytes * (size_t)((N + QB - 1) / QB * QB);
+  q->data = arena_alloc(total, &q->chunk);
+  if (!q->data) { free(q); return -2; }
+  for (int n0 = 0; n0 < N; n0 += QB)
+    for (int g = 0; g < G; g++) {
+      unsigned char *p = q->data + (size_t)n0 * q->rbytes + (size_t)g * QB * q->gbytes;
+      float sb[2 * QB];
+      for (int i = 0; i < QB; i++) {
+        const int in = n0 + i < N;
+        sb[i] = in ? scales[(size_t)(n0 + i) * G + g] : 0.f;
+        sb[QB + i] = in ? biases[(size_t)(n0 + i) * G + g] : 0.f;
+      }
+      __builtin_memcpy(p, sb, sizeof sb);
+      unsigned char *d = p + sizeof sb;
+#define QV(i, e) (n0 + (i) < N ? QVAL(n0 + (i), e) : 0)
+      for (int e = g * gs; e < (g + 1) * gs; e++)
+        if (bits == 8)
+          for (int i = 0; i < QB; i++) *d++ = (unsigned char)QV(i, e);
+        else
+          for (int i = 0; i < VW; i++) *d++ = (unsigned char)(QV(i, e) | QV(VW + i, e) << 4);
+#undef QV
+    }
+#endif
+#undef QVAL
+  q->bytes = total;
   pthread_mutex_lock(&qmu);
   struct qmat *old = qunlink(key);
   if (qn == qcap) {
@@ -722,29 +841,31 @@ static struct job J;
 #define PNR 6
 #define PKC 256          /* a multiple of every group size */
 #define PACKED(M) (VW == 8 && (M) >= 2 * VW)
-static inline void st(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
-/* Groups [g0, g1) of weight row n dequantized into w. */
-__attribute__((noinline)) static void qdeq_row(const struct qmat *q, int n, int g0, int g1,
-                                               float *w) {
-  size_t gst;
-  const unsigned char *p = qrow(q, n, &gst) + (size_t)g0 * gst;
+#if VW == 8
+/* A block's k row of dequantized weights: its QB values, then zeros up to QTILES
+   whole tiles of PNR. */
+#define QTILES ((QB + PNR - 1) / PNR)
+#define QW (QTILES * PNR)
+/* Groups [g0, g1) of the block at weight row n dequantized into w (k rows of QW). */
+__attribute__((noinline)) static void qdeq_block(const struct qmat *q, int n, int g0,
+                                                 int g1, float *w) {
+  const size_t gst = QB * q->gbytes;
+  const unsigned char *p = q->data + (size_t)n * q->rbytes + (size_t)g0 * gst;
   const int gs = q->gs;
   for (int g = g0; g < g1; g++, p += gst) {
-    float s1, b1;
-    __builtin_memcpy(&s1, p, sizeof s1);
-    __builtin_memcpy(&b1, p + sizeof s1, sizeof b1);
-    const vf s = s1 - (vf){0}, b = b1 - (vf){0};
-    const unsigned char *d = p + 2 * sizeof(float);
-    for (int u = 0; u < gs; u += 2 * VW, w += 2 * VW) {
+    const float *sb = (const float *)p;
+    const vf s0 = ld(sb), s1 = ld(sb + VW), b0 = ld(sb + 2 * VW), b1 = ld(sb + 3 * VW);
+    const unsigned char *d = p + 4 * VW * sizeof(float);
+    for (int u = 0; u < gs; u++, w += QW) {
       if (q->bits == 4) {
-        iv q4 = ldq(d);
-        st(w, cvt(q4 & 15) * s + b);
-        st(w + VW, cvt((q4 >> 4) & 15) * s + b);
+        const iv q4 = ldq(d);
+        st(w, cvt(q4 & 15) * s0 + b0);
+        st(w + VW, cvt(q4 >> 4) * s1 + b1);
         d += VW;
       } else {
-        st(w, cvt(ldq(d)) * s + b);
-        st(w + VW, cvt(ldq(d + VW)) * s + b);
+        st(w, cvt(ldq(d)) * s0 + b0);
+        st(w + VW, cvt(ldq(d + VW)) * s1 + b1);
         d += 2 * VW;
       }
     }
@@ -752,17 +873,18 @@ __attribute__((noinline)) static void qdeq_row(const struct qmat *q, int n, int 
 }
 
 /* The 2*VW x PNR tile over kn values of k: acc[v][r][i] += sum_k at[k][v*VW+i] *
-   w[r][k] (a: at's first row and column for it, w's rows ws apart). Its own function
-   with named accumulators: inlined, or as an array, GCC spilled two. */
+   w[k][r] (a: at's first row and column for it, w: the first weight of its k rows of
+   QW). Its own function with named accumulators: inlined, or as an array, GCC
+   spilled two. */
 __attribute__((noinline)) static void ptile2(const float *a, size_t mp, const float *w,
-                                             size_t ws, size_t kn, vf acc[2][PNR]) {
+                                             size_t kn, vf acc[2][PNR]) {
   vf c00 = acc[0][0], c01 = acc[0][1], c02 = acc[0][2], c03 = acc[0][3], c04 = acc[0][4],
      c05 = acc[0][5], c10 = acc[1][0], c11 = acc[1][1], c12 = acc[1][2], c13 = acc[1][3],
      c14 = acc[1][4], c15 = acc[1][5];
-  for (const float *e = w + kn; w < e; w++, a += mp) {
+  for (const float *e = w + kn * QW; w < e; w += QW, a += mp) {
     vf a0 = ld(a), a1 = ld(a + VW), b;
     QKEEP(a0, a1);
-#define PSTEP(r) b = w[(r) * ws] - (vf){0}; c0##r += a0 * b; c1##r += a1 * b;
+#define PSTEP(r) b = w[r] - (vf){0}; c0##r += a0 * b; c1##r += a1 * b;
     PSTEP(0) PSTEP(1) PSTEP(2) PSTEP(3) PSTEP(4) PSTEP(5)
 #undef PSTEP
   }
@@ -772,42 +894,45 @@ __attribute__((noinline)) static void ptile2(const float *a, size_t mp, const fl
   acc[1][3] = c13; acc[1][4] = c14; acc[1][5] = c15;
 }
 
-/* Output columns [n0, n1) for the first j->mp (<= QMAX_M) rows of A, from j->at. A
-   strip's weights are dequantized PKC values of k at a time: the block (6 KB) and a
-   tile's rows of at (16 KB) stay in L1 (whole rows of K = 1536 did not). */
+/* Output columns [n0, n1) (n0 at a block) for the first j->mp (<= QMAX_M) rows of A,
+   from j->at. A block's weights are dequantized PKC values of k at a time: the block
+   (PKC x QW floats) and a tile's rows of at (PKC x 2*VW) stay in L1. */
 static void qpacked(const struct job *j, int n0, int n1) {
   const int K = j->K, mp = j->mp, gs = j->q->gs, tiles = mp / (2 * VW);
-  float w[PNR * PKC] __attribute__((aligned(64)));
-  vf acc[QMAX_M / (2 * VW)][2][PNR];
-  for (int n = n0; n < n1; n += PNR) {
-    const int nr = n1 - n < PNR ? n1 - n : PNR;
-    /* the next strip's weights on their way while these tiles compute: the hardware
+  float w[PKC * QW] __attribute__((aligned(64)));
+  vf acc[QMAX_M / (2 * VW)][QTILES][2][PNR];
+  for (int k = 0; k < PKC; k++)
+    for (int r = QB; r < QW; r++) w[k * QW + r] = 0.f;
+  for (int n = n0; n < n1; n += QB) {
+    const int nr = n1 - n < QB ? n1 - n : QB;
+    /* the next block's weights on their way while these tiles compute: the hardware
        prefetcher sees no access to them until its dequantizing starts */
-    if (n + PNR < n1) {
-      const unsigned char *p = j->q->data + (size_t)(n + PNR) * j->q->rbytes;
-      const size_t bytes = (size_t)(n1 - n - PNR < PNR ? n1 - n - PNR : PNR) * j->q->rbytes;
-      for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
+    if (n + QB < n1) {
+      const unsigned char *p = j->q->data + (size_t)(n + QB) * j->q->rbytes;
+      for (size_t o = 0; o < QB * j->q->rbytes; o += 64) __builtin_prefetch(p + o, 0, 2);
     }
     __builtin_memset(acc, 0, (size_t)tiles * sizeof *acc);
     for (int k0 = 0; k0 < K; k0 += PKC) {
       const int kn = K - k0 < PKC ? K - k0 : PKC;
-      for (int r = 0; r < PNR; r++)
-        if (r < nr) qdeq_row(j->q, n + r, k0 / gs, (k0 + kn) / gs, w + (size_t)r * PKC);
-        else __builtin_memset(w + (size_t)r * PKC, 0, (size_t)kn * sizeof(float));
+      qdeq_block(j->q, n, k0 / gs, (k0 + kn) / gs, w);
       for (int t = 0; t < tiles; t++)
-        ptile2(j->at + (size_t)k0 * mp + t * 2 * VW, mp, w, PKC, kn, acc[t]);
+        for (int u = 0; u < QTILES; u++)
+          ptile2(j->at + (size_t)k0 * mp + t * 2 * VW, mp, w + u * PNR, kn, acc[t][u]);
     }
     for (int t = 0; t < tiles; t++)
       for (int v = 0; v < 2; v++)
         for (int i = 0; i < VW; i++) {
           float *c = j->C + (size_t)(t * 2 * VW + v * VW + i) * j->ldc + n;
           for (int r = 0; r < nr; r++) {
-            const float x = j->alpha * acc[t][v][r][i];
+            const float x = j->alpha * acc[t][r / PNR][v][r % PNR][i];
             c[r] = j->beta == 0.f ? x : x + j->beta * c[r];
           }
         }
   }
 }
+#else
+#define qpacked(j, n0, n1) ((void)0)   /* PACKED() is never true */
+#endif
 
 /* Rows [0, mp) of A (stride lda) transposed into at (K x mp). */
 static void transpose_a(const float *A, int K, int lda, float *at, int mp) {
@@ -957,7 +1082,7 @@ static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda
   }
   int rows = 65536 / K & ~1;         /* a block of B: ~256 KB, stays in L2; even: */
   if (rows < 8) rows = 8;            /* the quantized kernel takes rows in pairs */
-  if (at) rows = rows / PNR * PNR;   /* whole strips of the packed kernel */
+  if (q) rows = (rows + QALIGN - 1) / QALIGN * QALIGN;  /* the twin's pairs or blocks */
   int blocks = (N + rows - 1) / rows;
   if (blocks > (int)FIELD) {
     run_rows(&j, 0, N);
