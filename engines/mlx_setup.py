@@ -86,7 +86,8 @@ takes a broadcast of x[k] and two FMAs per k, a group's scale and bias apply onc
 per group (scale * sum(q*x) + bias * sum(x)), and every cache line of a block's
 group is prefetched. A decode step's 121 products of SmolLM2 on two threads: one
 row ~10 -> ~7.5 ms, four rows ~11.2 -> ~9.5 ms (vectors along k before: four loads
-of A per five multiply-adds, one prefetch per group). Prompts of 16 rows and more take a packed product instead.
+of A per five multiply-adds, one prefetch per group). Prompts of 16 rows and more
+take a packed product instead.
 
 Switches (environment, or the same-named lower-case attribute on the config):
     LOCALAI_MLX_BLAS        auto (shim if a C compiler exists, else OpenBLAS) |
@@ -347,8 +348,7 @@ static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
 /* ---- quantized twins: a registered float32 weight matrix W (N x K, the B of
    x @ W^T) is read from its MLX affine-quantized form instead, w = scale*q + bias per
    group of gs values along K (0.6-1.25 bytes a weight instead of 4).
-   Two layouts; a group is dequantized once and used for all M rows of A.
-   With AVX-512 (VW 16), vectors along k: per weight row, per group: float scale,
+   Two layouts, each read once for all M rows of A. With AVX-512 (VW 16), vectors along k: per weight row, per group: float scale,
    float bias, then the group's q: 8-bit one byte each in order; 4-bit in chunks of
    2*VW values where byte i holds value i (low nibble) and value VW+i (high nibble):
    one load and a shift give two vectors. Rows 2i and 2i+1 alternate group by group
@@ -358,10 +358,8 @@ static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
    then for each k of the group the block's QB values (8-bit: QB bytes in row order;
    4-bit: VW bytes, byte i holding row i in its low nibble and row VW+i in its high
    one). One load and a shift give a k's values as two vectors of outputs; each row
-   of A takes a broadcast of its x[k] and two FMAs, and no horizontal sums. With
-   vectors along k, four rows of A cost four loads of A for five multiply-adds per
-   vector, and the 4-row kernel ran at half the FMA ports' rate (Zen 3: a 3072x576
-   4-bit product of 4 rows, 475 -> 293 us, bench/quant_bench.py). */
+   of A takes a broadcast of its x[k] and two FMAs, and no horizontal sums (with
+   vectors along k, each multiply-add of four rows also loaded A). */
 /* Products of up to QMAX_M rows of A take the twin (decoding, short prompts), in
    passes of up to QPASS rows (the block of B stays in L1/L2). OpenBLAS's float32 sgemm
    reads 4 bytes a weight and packs them: SmolLM2's 120 layer products with 26 rows
@@ -591,9 +589,11 @@ static inline const unsigned char *qrow(const struct qmat *q, int n, size_t *gst
    scale * sum(q * x) + bias * sum(x): its q are converted to float and multiplied by
    x directly, and its scale and bias are applied once per group and row of A (the
    rows' sums of x per group are computed once a call), not once per weight:
-   4 rows of A take 8 FMAs per k of a block instead of 10 (a 3072x576 4-bit product
-   of 4 rows 240 -> 205 us, of 1 row 140 -> 130 us, Zen 3). GS: the group size when
-   known at compile time (32, the common one), else 0. */
+   4 rows of A take 8 FMAs per k of a block instead of 10. Every cache line of the
+   group QPREFETCH ahead is prefetched (one row of A is bound by memory). A 3072x576
+   4-bit product on one Zen 3 core, against the layout along k: 4 rows 240 -> ~210
+   us, 1 row 140-165 -> ~100-110 us. GS: the group size when known at compile time
+   (32, the common one), else 0. */
 #define QK(MM, BITS, GS)                                                            \
   static void qk##BITS##_##MM##_##GS(const struct qmat *q, int n0, int n1,          \
                                      float alpha, const float *A, int lda,          \
@@ -825,13 +825,13 @@ struct job { int M, N, K, lda, ldb, ldc, rows; float alpha, beta;
 static struct job J;
 
 /* ---- prompts from the twins without AVX-512: a packed product ----
-   The 4-row kernels dequantize each weight once per 4 rows of A and load A once per
-   multiply-add: with AVX2 they are bound by the FMA ports at ~7 multiply-adds a cycle
-   (a quarter of them dequantizing). For 16 rows and more: the first mp = M rounded
-   down to 2*VW rows of A transposed once a product (at: K x mp), PNR weight rows at a
-   time dequantized to float32 (an L1 block), and a register tile of 2*VW rows of A
-   by PNR weight rows: per k two loads and PNR broadcasts feed 2*PNR FMAs (12 chains,
-   15 of AVX2's 16 registers; the tile alone runs at ~65% of the FMA peak). The rest
+   The 4-row kernels take 4 broadcasts of A and 8 FMAs per k of a block, bound by
+   the FMA ports. For 16 rows and more: the first mp = M rounded down to 2*VW rows
+   of A transposed once a product (at: K x mp), a block of QB weight rows at a time
+   dequantized to float32 (an L1 block, PKC values of k), and register tiles of 2*VW
+   rows of A by PNR weight rows (three a block, the third's last two columns zero):
+   per k two loads and PNR broadcasts feed 2*PNR FMAs (12 chains, 15 of AVX2's 16
+   registers; the tile alone runs at ~65% of the FMA peak). The rest
    of A's rows take the 4-row passes (a half tile, 8 rows by 6, was bound by its
    broadcasts; padding to a whole tile wasted as much). The same weights as the
    other kernels (scale*q + bias); each output sums its products in k order. One
