@@ -348,11 +348,12 @@ static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
 /* ---- quantized twins: a registered float32 weight matrix W (N x K, the B of
    x @ W^T) is read from its MLX affine-quantized form instead, w = scale*q + bias per
    group of gs values along K (0.6-1.25 bytes a weight instead of 4).
-   Two layouts, each read once for all M rows of A. With AVX-512 (VW 16), vectors along k: per weight row, per group: float scale,
-   float bias, then the group's q: 8-bit one byte each in order; 4-bit in chunks of
-   2*VW values where byte i holds value i (low nibble) and value VW+i (high nibble):
-   one load and a shift give two vectors. Rows 2i and 2i+1 alternate group by group
-   (the kernel reads two rows as one stream); a lone last row follows.
+   Two layouts, each read once for all M rows of A. With AVX-512 (VW 16), vectors
+   along k: per weight row, per group: float scale, float bias, then the group's q:
+   8-bit one byte each in order; 4-bit in chunks of 2*VW values where byte i holds
+   value i (low nibble) and value VW+i (high nibble): one load and a shift give two
+   vectors. Rows 2i and 2i+1 alternate group by group (the kernel reads two rows as
+   one stream); a lone last row follows.
    Otherwise (AVX2, VW 8), vectors across weight rows: blocks of QB = 2*VW rows (the
    last padded with zeros); per block, per group: QB float scales, QB float biases,
    then for each k of the group the block's QB values (8-bit: QB bytes in row order;
@@ -558,11 +559,6 @@ static inline const unsigned char *qrow(const struct qmat *q, int n, size_t *gst
    kernel for 8 rows, one weight row at a time, was 1.5x slower than two passes).
    GS: the group size when known at compile time (32, the common one: no
    loop inside a group), else 0. */
-/* Weight rows a pass takes at once for MM rows of A. AVX2 has 16 vector registers:
-   two weight rows for 2..4 rows of A spilled accumulators to the stack every
-   iteration (4 rows, AMD Zen 3: the 8-bit head 3.9 -> 2.7 ms, a 4-bit 1536x576
-   matrix 172 -> 129 us with one weight row; bench/quant_bench.py). */
-#define QRR(MM) (VW == 16 || (MM) == 1 ? 2 : 1)
 #define QK(MM, BITS, GS)                                                            \
   static void qk##BITS##_##MM##_##GS(const struct qmat *q, int n0, int n1,          \
                                      float alpha, const float *A, int lda,          \
@@ -570,7 +566,7 @@ static inline const unsigned char *qrow(const struct qmat *q, int n, size_t *gst
     const int gs = GS ? GS : q->gs, G = q->K / gs;                                  \
     const size_t gb = q->gbytes;                                                    \
     for (int n = n0; n < n1;) {                                                     \
-      if (QRR(MM) == 2 && !(n & 1) && n + 1 < n1) {                                \
+      if (!(n & 1) && n + 1 < n1) {                                \
         QROWS(MM, BITS, 2);                                                         \
         n += 2;                                                                     \
       } else {                                                                      \

@@ -89,8 +89,9 @@ out.update(max_rel_err=err, max_rel_err_vs_half_dequantize=err_half,
 
 # 2. prompts' row counts up to max_rows take the twin, one more the float32 path;
 #    views of rows of the matrix take the twin where the rows start on a block of 16
-#    (the layouts group rows in pairs or blocks) and do not end inside one; another K on the same buffer, and
-#    everything after unregister, the float32 path. Same values throughout.
+#    (the layouts group rows in pairs or blocks) and do not end inside one; another K
+#    on the same buffer, and everything after unregister, the float32 path. Same
+#    values throughout.
 w32, _, quant = make(301, 128, 4, 32, mx.float32)
 assert ms.register_quantized(w32, *quant)
 top = ms.quantized_calls()["max_rows"]
