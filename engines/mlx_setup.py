@@ -566,7 +566,7 @@ static inline const unsigned char *qrow(const struct qmat *q, int n, size_t *gst
     const int gs = GS ? GS : q->gs, G = q->K / gs;                                  \
     const size_t gb = q->gbytes;                                                    \
     for (int n = n0; n < n1;) {                                                     \
-      if (!(n & 1) && n + 1 < n1) {                                \
+      if (!(n & 1) && n + 1 < n1) {                                                 \
         QROWS(MM, BITS, 2);                                                         \
         n += 2;                                                                     \
       } else {                                                                      \
@@ -578,6 +578,20 @@ static inline const unsigned char *qrow(const struct qmat *q, int n, size_t *gst
 #else
 #define QB (2 * VW)       /* weight rows a block */
 #define QALIGN QB
+/* A block's q values at one k (from *d, which moves past them) as two vectors of
+   floats: rows 0..VW-1 and VW..2*VW-1 (see the layout). */
+static inline void qk_values(const unsigned char **d, int bits, vf *f0, vf *f1) {
+  if (bits == 4) {
+    const iv q4 = ldq(*d);
+    *f0 = cvt(q4 & 15);
+    *f1 = cvt(q4 >> 4);
+    *d += VW;
+  } else {
+    *f0 = cvt(ldq(*d));
+    *f1 = cvt(ldq(*d + VW));
+    *d += 2 * VW;
+  }
+}
 /* Sets of accumulators: k values h, h+P, ... of a group go to set h, so that one or
    two rows of A still keep 8 independent chains (an FMA takes 4 cycles). */
 #define QPH(MM) ((MM) == 1 ? 4 : (MM) == 2 ? 2 : 1)
@@ -618,16 +632,7 @@ static inline const unsigned char *qrow(const struct qmat *q, int n, size_t *gst
         _Pragma("GCC unroll 8") for (int u = 0; u < gs; u += P, a += P)             \
           _Pragma("GCC unroll 4") for (int h = 0; h < P; h++) {                     \
             vf f0, f1;                                                              \
-            if (BITS == 4) {                                                        \
-              const iv q4 = ldq(d);                                                 \
-              f0 = cvt(q4 & 15);                                                    \
-              f1 = cvt(q4 >> 4);                                                    \
-              d += VW;                                                              \
-            } else {                                                                \
-              f0 = cvt(ldq(d));                                                     \
-              f1 = cvt(ldq(d + VW));                                                \
-              d += 2 * VW;                                                          \
-            }                                                                       \
+            qk_values(&d, BITS, &f0, &f1);                                          \
             _Pragma("GCC unroll 4") for (int m = 0; m < MM; m++) {                  \
               const vf x = a[(size_t)m * lda + h] - (vf){0};                        \
               acc[h][m][0] += f0 * x;                                               \
@@ -854,16 +859,10 @@ __attribute__((noinline)) static void qdeq_block(const struct qmat *q, int n, in
     const vf s0 = ld(sb), s1 = ld(sb + VW), b0 = ld(sb + 2 * VW), b1 = ld(sb + 3 * VW);
     const unsigned char *d = p + 4 * VW * sizeof(float);
     for (int u = 0; u < gs; u++, w += QW) {
-      if (q->bits == 4) {
-        const iv q4 = ldq(d);
-        st(w, cvt(q4 & 15) * s0 + b0);
-        st(w + VW, cvt(q4 >> 4) * s1 + b1);
-        d += VW;
-      } else {
-        st(w, cvt(ldq(d)) * s0 + b0);
-        st(w + VW, cvt(ldq(d + VW)) * s1 + b1);
-        d += 2 * VW;
-      }
+      vf f0, f1;
+      qk_values(&d, q->bits, &f0, &f1);
+      st(w, f0 * s0 + b0);
+      st(w + VW, f1 * s1 + b1);
     }
   }
 }
@@ -1076,8 +1075,8 @@ static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda
     free(at);
     return;
   }
-  int rows = 65536 / K & ~1;         /* a block of B: ~256 KB, stays in L2; even: */
-  if (rows < 8) rows = 8;            /* the quantized kernel takes rows in pairs */
+  int rows = 65536 / K;              /* a block of B: ~256 KB, stays in L2 */
+  if (rows < 8) rows = 8;
   if (q) rows = (rows + QALIGN - 1) / QALIGN * QALIGN;  /* the twin's pairs or blocks */
   int blocks = (N + rows - 1) / rows;
   if (blocks > (int)FIELD) {
