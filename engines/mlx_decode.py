@@ -274,8 +274,8 @@ class _Step:
         computed here: MLX's own runs Softmax's exp as a scalar loop on x86, half of
         a 1000-token prompt's time. A kv head's query heads are one product's rows.
         q|k|v and gate|up are one product each (the fused matrices the step uses):
-        a third of the products, each bigger (one transposed copy of x for the shim's
-        packed product, one split with its helper)."""
+        a third of the products, each bigger (one dequantized block of weights for
+        more rows in the shim's packed product, one split with its helper)."""
         import mlx.core as mx
         from mlx_lm.models.activations import swiglu
         from mlx_lm.models.base import create_attention_mask

@@ -49,8 +49,8 @@ shared/DESIGN.md section 5 and bench/llm_bench.py):
    weight, which dominates below a few hundred rows), keyed by the float32 matrix's
    address range (register_quantized); bigger products (several prompts computed
    together) use OpenBLAS on the float32 copy. Without AVX-512, 16 rows and more
-   take a packed product (a tile of 16 rows by 6 weight rows dequantized to float32). The
-   language engine computes a prompt in slices of 128 tokens (PREFILL_STEP_CPU),
+   take a packed product (a block of 16 weight rows dequantized to float32 once,
+   tiles of 6 rows of A over it). The language engine computes a prompt in slices of 128 tokens (PREFILL_STEP_CPU),
    which stay on the twins. The 576x49152 8-bit head: 3.7 -> 1.1 ms at M=1
    (bench/quant_bench.py); a 26-token prompt's products 69 -> 20 ms. The twins
    live in 2 MB-aligned chunks advised for transparent huge pages (fewer TLB
@@ -366,7 +366,7 @@ static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
    reads 4 bytes a weight and packs them: SmolLM2's 120 layer products with 26 rows
    took 69 ms (49 with OpenBLAS's AVX-512 kernel), with the twins 20; 104 rows: 128 (75)
    -> 75; 128 rows: 136 (87) -> 100; 256 rows: 258 (158) -> 215. Without AVX-512,
-   whole tiles of 16 rows take the packed product below (above 32 rows OpenBLAS had
+   products of 16 rows and more take the packed product below (above 32 rows OpenBLAS had
    beaten the 4-row passes there). Its products of 16-32 rows are 1.1-1.45x faster
    than the passes; of 64-128 rows within ~20% of OpenBLAS's either way on a noisy
    2-core VM (bench/quant_bench.py), while prompts computed together got faster end
@@ -822,33 +822,29 @@ int localai_quant_unregister(const float *key) {
 
 struct job { int M, N, K, lda, ldb, ldc, rows; float alpha, beta;
              const float *A, *B; float *C; const struct qmat *q;
-             const float *at; int mp; };
+             int mp; };
 static struct job J;
 
 /* ---- prompts from the twins without AVX-512: a packed product ----
-   The 4-row kernels take 4 broadcasts of A and 8 FMAs per k of a block, bound by
-   the FMA ports. For 16 rows and more: the first mp = M rounded down to 2*VW rows
-   of A transposed once a product (at: K x mp), a block of QB weight rows at a time
-   dequantized to float32 (an L1 block, PKC values of k), and register tiles of 2*VW
-   rows of A by PNR weight rows (three a block, the third's last two columns zero):
-   per k two loads and PNR broadcasts feed 2*PNR FMAs (12 chains, 15 of AVX2's 16
-   registers; the tile alone runs at ~65% of the FMA peak). The rest
-   of A's rows take the 4-row passes (a half tile, 8 rows by 6, was bound by its
-   broadcasts; padding to a whole tile wasted as much). The same weights as the
-   other kernels (scale*q + bias); each output sums its products in k order. One
-   prompt of ~20 tokens: no faster (16 rows packed, 4 in a pass); four prompts
-   computed together (~100 rows, OpenBLAS's float32 sgemm before): first tokens
-   389-432 -> 330-409 ms (Zen 3, medians of 12 in four pairs of alternating runs). */
-#define PNR 6
+   The 4-row kernels take 4 broadcasts of A and 8 FMAs per k of a block and convert
+   the block's q values again for every 4 rows. For 16 rows and more: a block of QB
+   weight rows at a time is dequantized to float32 once (an L1 block, PKC values of
+   k, QB floats a k), and register tiles of PMR rows of A by the block's QB weight
+   rows run over it: per k two loads of w and PMR broadcasts of A feed 2*PMR FMAs
+   (12 chains, 15 of AVX2's 16 registers), A read in place. The rest of A's rows
+   (M % PMR) take the 4-row passes. The same weights as the other kernels (scale*q
+   + bias); each output sums its products in k order. Against the tile this replaced
+   (16 rows of A, transposed once a product, by 6 weight rows; the third tile of a
+   block wasted two of its six columns), one core of Zen 3, minimum of 4-6
+   alternating runs: 3072x576 4-bit, 120 rows 5.9 -> 5.1 ms, 30 rows 1.62 -> 1.38
+   ms; 576x1536, 120 rows 2.9 -> 2.4 ms, 30 rows 0.81 -> 0.62 ms. Below 16 rows the
+   4-row passes stay faster (6, 8, 12 rows measured). */
 #define PKC 256          /* a multiple of every group size */
+#define PMR 6            /* rows of A a tile */
 #define PACKED(M) (VW == 8 && (M) >= 2 * VW)
 
 #if VW == 8
-/* A block's k row of dequantized weights: its QB values, then zeros up to QTILES
-   whole tiles of PNR. */
-#define QTILES ((QB + PNR - 1) / PNR)
-#define QW (QTILES * PNR)
-/* Groups [g0, g1) of the block at weight row n dequantized into w (k rows of QW). */
+/* Groups [g0, g1) of the block at weight row n dequantized into w (k rows of QB). */
 __attribute__((noinline)) static void qdeq_block(const struct qmat *q, int n, int g0,
                                                  int g1, float *w) {
   const size_t gst = QB * q->gbytes;
@@ -858,7 +854,7 @@ __attribute__((noinline)) static void qdeq_block(const struct qmat *q, int n, in
     const float *sb = (const float *)p;
     const vf s0 = ld(sb), s1 = ld(sb + VW), b0 = ld(sb + 2 * VW), b1 = ld(sb + 3 * VW);
     const unsigned char *d = p + 4 * VW * sizeof(float);
-    for (int u = 0; u < gs; u++, w += QW) {
+    for (int u = 0; u < gs; u++, w += QB) {
       vf f0, f1;
       qk_values(&d, q->bits, &f0, &f1);
       st(w, f0 * s0 + b0);
@@ -867,37 +863,36 @@ __attribute__((noinline)) static void qdeq_block(const struct qmat *q, int n, in
   }
 }
 
-/* The 2*VW x PNR tile over kn values of k: acc[v][r][i] += sum_k at[k][v*VW+i] *
-   w[k][r] (a: at's first row and column for it, w: the first weight of its k rows of
-   QW). Its own function with named accumulators: inlined, or as an array, GCC
+/* The PMR x QB tile over kn values of k: acc[r][v][i] += sum_k a[r][k] * w[k][v*VW+i]
+   (a: the tile's first row of A at its first k, rows lda apart; w: the block's k rows
+   of QB). Its own function with named accumulators: inlined, or as an array, GCC
    spilled two. */
-__attribute__((noinline)) static void ptile2(const float *a, size_t mp, const float *w,
-                                             size_t kn, vf acc[2][PNR]) {
-  vf c00 = acc[0][0], c01 = acc[0][1], c02 = acc[0][2], c03 = acc[0][3], c04 = acc[0][4],
-     c05 = acc[0][5], c10 = acc[1][0], c11 = acc[1][1], c12 = acc[1][2], c13 = acc[1][3],
-     c14 = acc[1][4], c15 = acc[1][5];
-  for (const float *e = w + kn * QW; w < e; w += QW, a += mp) {
-    vf a0 = ld(a), a1 = ld(a + VW), b;
-    QKEEP(a0, a1);
-#define PSTEP(r) b = w[r] - (vf){0}; c0##r += a0 * b; c1##r += a1 * b;
+__attribute__((noinline)) static void ptile(const float *a, size_t lda, const float *w,
+                                            size_t kn, vf acc[PMR][2]) {
+  vf c00 = acc[0][0], c01 = acc[0][1], c10 = acc[1][0], c11 = acc[1][1],
+     c20 = acc[2][0], c21 = acc[2][1], c30 = acc[3][0], c31 = acc[3][1],
+     c40 = acc[4][0], c41 = acc[4][1], c50 = acc[5][0], c51 = acc[5][1];
+  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda,
+              *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+  for (size_t k = 0; k < kn; k++, w += QB) {
+    vf w0 = ld(w), w1 = ld(w + VW), x;
+    QKEEP(w0, w1);
+#define PSTEP(r) x = a##r[k] - (vf){0}; c##r##0 += x * w0; c##r##1 += x * w1;
     PSTEP(0) PSTEP(1) PSTEP(2) PSTEP(3) PSTEP(4) PSTEP(5)
 #undef PSTEP
   }
-  acc[0][0] = c00; acc[0][1] = c01; acc[0][2] = c02;
-  acc[0][3] = c03; acc[0][4] = c04; acc[0][5] = c05;
-  acc[1][0] = c10; acc[1][1] = c11; acc[1][2] = c12;
-  acc[1][3] = c13; acc[1][4] = c14; acc[1][5] = c15;
+  acc[0][0] = c00; acc[0][1] = c01; acc[1][0] = c10; acc[1][1] = c11;
+  acc[2][0] = c20; acc[2][1] = c21; acc[3][0] = c30; acc[3][1] = c31;
+  acc[4][0] = c40; acc[4][1] = c41; acc[5][0] = c50; acc[5][1] = c51;
 }
 
-/* Output columns [n0, n1) (n0 at a block) for the first j->mp (<= QMAX_M) rows of A,
-   from j->at. A block's weights are dequantized PKC values of k at a time: the block
-   (PKC x QW floats) and a tile's rows of at (PKC x 2*VW) stay in L1. */
+/* Output columns [n0, n1) (n0 at a block) for the first j->mp (<= QMAX_M, a multiple
+   of PMR) rows of A. A block's weights are dequantized PKC values of k at a time:
+   the block (PKC x QB floats, 16 KB) stays in L1 while every tile runs over it. */
 static void qpacked(const struct job *j, int n0, int n1) {
-  const int K = j->K, mp = j->mp, gs = j->q->gs, tiles = mp / (2 * VW);
-  float w[PKC * QW] __attribute__((aligned(64)));
-  vf acc[QMAX_M / (2 * VW)][QTILES][2][PNR];
-  for (int k = 0; k < PKC; k++)
-    for (int r = QB; r < QW; r++) w[k * QW + r] = 0.f;
+  const int K = j->K, gs = j->q->gs, tiles = j->mp / PMR;
+  float w[PKC * QB] __attribute__((aligned(64)));
+  vf acc[QMAX_M / PMR][PMR][2];
   for (int n = n0; n < n1; n += QB) {
     const int nr = n1 - n < QB ? n1 - n : QB;
     /* the next block's weights on their way while these tiles compute: the hardware
@@ -911,40 +906,30 @@ static void qpacked(const struct job *j, int n0, int n1) {
       const int kn = K - k0 < PKC ? K - k0 : PKC;
       qdeq_block(j->q, n, k0 / gs, (k0 + kn) / gs, w);
       for (int t = 0; t < tiles; t++)
-        for (int u = 0; u < QTILES; u++)
-          ptile2(j->at + (size_t)k0 * mp + t * 2 * VW, mp, w + u * PNR, kn, acc[t][u]);
+        ptile(j->A + (size_t)t * PMR * j->lda + k0, j->lda, w, kn, acc[t]);
     }
     for (int t = 0; t < tiles; t++)
-      for (int v = 0; v < 2; v++)
-        for (int i = 0; i < VW; i++) {
-          float *c = j->C + (size_t)(t * 2 * VW + v * VW + i) * j->ldc + n;
-          for (int r = 0; r < nr; r++) {
-            const float x = j->alpha * acc[t][r / PNR][v][r % PNR][i];
-            c[r] = j->beta == 0.f ? x : x + j->beta * c[r];
-          }
-        }
+      for (int r = 0; r < PMR; r++) {
+        float o[QB];
+        st(o, acc[t][r][0]);
+        st(o + VW, acc[t][r][1]);
+        float *c = j->C + (size_t)(t * PMR + r) * j->ldc + n;
+        for (int i = 0; i < nr; i++)
+          c[i] = j->beta == 0.f ? j->alpha * o[i] : j->alpha * o[i] + j->beta * c[i];
+      }
   }
 }
 #else
 #define qpacked(j, n0, n1) ((void)0)   /* PACKED() is never true */
 #endif
 
-/* Rows [0, mp) of A (stride lda) transposed into at (K x mp). */
-static void transpose_a(const float *A, int K, int lda, float *at, int mp) {
-  for (int k0 = 0; k0 < K; k0 += 64) {
-    const int k1 = k0 + 64 < K ? k0 + 64 : K;
-    for (int m = 0; m < mp; m++)
-      for (int k = k0; k < k1; k++) at[(size_t)k * mp + m] = A[(size_t)m * lda + k];
-  }
-}
-
 /* rows [n0, n1) of the output, all M rows of A, in passes of at most 4 rows (the
    block of B stays in L2 between passes); with a packed A its rows first. */
 static void run_rows(const struct job *j, int n0, int n1) {
   if (j->q) {                        /* a quantized twin */
     const qk_t *k = qkernels[j->q->gs == 32][j->q->bits == 8];
-    if (j->at) qpacked(j, n0, n1);
-    for (int m0 = j->at ? j->mp : 0; m0 < j->M; m0 += QPASS) {
+    if (j->mp) qpacked(j, n0, n1);
+    for (int m0 = j->mp; m0 < j->M; m0 += QPASS) {
       int mm = j->M - m0 < QPASS ? j->M - m0 : QPASS;
       k[mm - 1](j->q, n0, n1, j->alpha, j->A + (size_t)m0 * j->lda, j->lda, j->beta,
                 j->C + (size_t)m0 * j->ldc, j->ldc);
@@ -1058,21 +1043,14 @@ static atomic_flag in_use = ATOMIC_FLAG_INIT;
 static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda,
                        const float *B, int ldb, float beta, float *C, int ldc,
                        const struct qmat *q) {
-  struct job j = {M, N, K, lda, ldb, ldc, N, alpha, beta, A, B, C, q, NULL, 0};
-  float *at = NULL;
-  if (q && PACKED(M)) {
-    j.mp = M / (2 * VW) * (2 * VW);  /* whole tiles; the rest in 4-row passes */
-    at = aligned_alloc(64, ((size_t)K * j.mp * sizeof(float) + 63) & ~(size_t)63);
-    if (at) transpose_a(A, K, lda, at, j.mp);
-    j.at = at;
-  }
+  struct job j = {M, N, K, lda, ldb, ldc, N, alpha, beta, A, B, C, q, 0};
+  if (q && PACKED(M)) j.mp = M / PMR * PMR;   /* whole tiles; the rest in 4-row passes */
   /* Small products, no helper, one row from a quantized twin (but see HELP_ONE_ROW),
      or another thread (a second MLX stream) already sharing the helper: do it all
      here. */
   if (helpers == 0 || (long)N * K < 65536 || (M == 1 && q && (long)N * K < HELP_ONE_ROW)
       || atomic_flag_test_and_set(&in_use)) {
     run_rows(&j, 0, N);
-    free(at);
     return;
   }
   int rows = 65536 / K;              /* a block of B: ~256 KB, stays in L2 */
@@ -1082,7 +1060,6 @@ static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda
   if (blocks > (int)FIELD) {
     run_rows(&j, 0, N);
     atomic_flag_clear(&in_use);
-    free(at);
     return;
   }
   j.rows = rows;
@@ -1099,7 +1076,6 @@ static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda
   do_blocks(gen);
   while (atomic_load(&done_blocks) < blocks) cpu_relax();
   atomic_flag_clear(&in_use);
-  free(at);
 }
 
 int localai_blas_init(const char *path, int smax, int nhelpers) {
