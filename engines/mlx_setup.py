@@ -924,7 +924,7 @@ static void qpacked(const struct job *j, int n0, int n1) {
 #endif
 
 /* rows [n0, n1) of the output, all M rows of A, in passes of at most 4 rows (the
-   block of B stays in L2 between passes); with a packed A its rows first. */
+   block of B stays in L2 between passes), after the packed product's j->mp rows. */
 static void run_rows(const struct job *j, int n0, int n1) {
   if (j->q) {                        /* a quantized twin */
     const qk_t *k = qkernels[j->q->gs == 32][j->q->bits == 8];
