@@ -51,11 +51,11 @@ shared/DESIGN.md section 5 and bench/llm_bench.py):
    together) use OpenBLAS on the float32 copy. Without AVX-512, 16 rows and more
    take a packed product (a block of 16 weight rows dequantized to float32 once,
    tiles of 6 rows of A over it). The language engine computes a prompt in slices
-   of 128 tokens (PREFILL_STEP_CPU), which stay on the twins. The 576x49152 8-bit head: 3.7 -> 1.1 ms at M=1
-   (bench/quant_bench.py); a 26-token prompt's products 69 -> 20 ms. The twins
-   live in 2 MB-aligned chunks advised for transparent huge pages (fewer TLB
-   misses, prefetches not stopped at every 4 KB page: a decode step ~4% faster) and
-   are freed with the model (release()).
+   of 128 tokens (PREFILL_STEP_CPU), which stay on the twins. The 576x49152 8-bit
+   head: 3.7 -> 1.1 ms at M=1 (bench/quant_bench.py); a 26-token prompt's products
+   69 -> 20 ms. The twins live in 2 MB-aligned chunks advised for transparent huge
+   pages (fewer TLB misses, prefetches not stopped at every 4 KB page: a decode step
+   ~4% faster) and are freed with the model (release()).
 7. The process around MLX: jemalloc as malloc (allocator_env(): MLX's two threads
    no longer wait on glibc's arena lock, ~900 -> ~450 futex calls a token), and
    MLX's JIT kernels built with -march=native and a vectorized exp (_native_jit()).
@@ -367,10 +367,10 @@ static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
    took 69 ms (49 with OpenBLAS's AVX-512 kernel), with the twins 20; 104 rows: 128 (75)
    -> 75; 128 rows: 136 (87) -> 100; 256 rows: 258 (158) -> 215. Without AVX-512,
    products of 16 rows and more take the packed product below (above 32 rows
-   OpenBLAS had beaten the 4-row passes there). Its products of 16-32 rows are 1.1-1.45x faster
-   than the passes; of 64-128 rows within ~20% of OpenBLAS's either way on a noisy
-   2-core VM (bench/quant_bench.py), while prompts computed together got faster end
-   to end (below: OpenBLAS's threads spin between its products). */
+   OpenBLAS had beaten the 4-row passes there). Its products of 16-32 rows are
+   1.1-1.45x faster than the passes; of 64-128 rows within ~20% of OpenBLAS's either
+   way on a noisy 2-core VM (bench/quant_bench.py), while prompts computed together
+   got faster end to end (below: OpenBLAS's threads spin between its products). */
 #define QMAX_M 128
 #define QPASS 4
 /* Bytes ahead of a twin's read position to prefetch: the hardware prefetcher alone left
