@@ -30,8 +30,9 @@ shared/DESIGN.md section 5 and bench/llm_bench.py):
    split product wait for a descheduled partner; one thread measured faster there,
    so configure() samples /proc/stat for 0.2 s and says what it chose. The shim's
    helper thread takes part in products of 2..8 rows (batches), and in one stream's
-   only without AVX-512 (there its kernels are twice as slow; with AVX-512 the
-   helper competed with the Python thread building the next step). That Python thread
+   big ones without AVX-512 (there its kernels are twice as slow; with AVX-512 the
+   helper competed with the Python thread building the next step), or where one core
+   reads the weights slowly (measured at load: _share_one_row). That Python thread
    runs as SCHED_BATCH (graph_thread()): MLX lets it run only ~100 ops ahead of the
    stream, so it sleeps and wakes ~65 times a token, and each wake-up preempted
    MLX's stream thread or the helper in the middle of a product (4 streams: ~25
@@ -149,6 +150,17 @@ BUSY_SAMPLE_SECONDS = 0.2
 DEFAULT_BUDGET_FRACTION = 0.25
 # Added to MLX's JIT compile of mx.compile's CPU kernels (see _native_jit).
 JIT_FLAGS = "-march=native -ffp-contract=off -fno-trapping-math -fno-math-errno -finline-limit=600"
+# With AVX-512 the shim keeps one stream's products on one core (help_one_row in the
+# shim) unless one core reads a model's quantized weights, one row's products of all
+# of them, slower than this (bytes a second): then each of the two cores adds memory
+# bandwidth, and one-row products of at least SHARED_ONE_ROW weights are shared with
+# the helper as without AVX-512. A Zen 5 read ~38 GB/s alone (sharing was slower
+# there); a Sapphire Rapids VM ~13 (a plain read loop: 13 GB/s on one core, 23-27 on
+# two), where sharing took one stream of SmolLM2 63 -> 71-81 tok/s.
+ONE_ROW_SHARE_BELOW = 20e9
+SHARED_ONE_ROW = 1_000_000
+# One-row sweeps over every twin behind that measurement (the fastest counts).
+ONE_ROW_SWEEPS = 3
 # Seconds the one-off compile of the shim may take before we give up on it.
 COMPILE_TIMEOUT = 60
 # The verification gemm: big enough that netlib (~100 ms) and OpenBLAS (~2 ms)
@@ -986,8 +998,11 @@ static int spin_limit = VW == 16 ? 500 : 2000;    /* ~12 us of pauses (~23 ns ea
    building the next step (8.6 -> 6.8 ms a token without it). With AVX2 the kernel is
    bound by dequantizing at half the width, ~15 ms a token on one core: sharing the
    big products took one stream ~53 -> ~66 tok/s on Zen 3 (medians of 8 rounds,
-   alternating in one process); sharing every product (100k weights) was slower. */
-#define HELP_ONE_ROW (VW == 16 ? (1L << 62) : 1000000L)
+   alternating in one process); sharing every product (100k weights) was slower.
+   With AVX-512 on a machine whose single core reads memory slowly, Python sets the
+   AVX2 limit (mlx_setup._share_one_row). */
+static long help_one_row = VW == 16 ? (1L << 62) : 1000000L;
+void localai_share_one_row(long min_weights) { help_one_row = min_weights; }
 
 static int claim(unsigned long long g) {
   unsigned long long v = atomic_load(&ticket);
@@ -1045,10 +1060,10 @@ static void small_gemm(int M, int N, int K, float alpha, const float *A, int lda
                        const struct qmat *q) {
   struct job j = {M, N, K, lda, ldb, ldc, N, alpha, beta, A, B, C, q, 0};
   if (q && PACKED(M)) j.mp = M / PMR * PMR;   /* whole tiles; the rest in 4-row passes */
-  /* Small products, no helper, one row from a quantized twin (but see HELP_ONE_ROW),
+  /* Small products, no helper, one row from a quantized twin (but see help_one_row),
      or another thread (a second MLX stream) already sharing the helper: do it all
      here. */
-  if (helpers == 0 || (long)N * K < 65536 || (M == 1 && q && (long)N * K < HELP_ONE_ROW)
+  if (helpers == 0 || (long)N * K < 65536 || (M == 1 && q && (long)N * K < help_one_row)
       || atomic_flag_test_and_set(&in_use)) {
     run_rows(&j, 0, N);
     return;
@@ -1463,7 +1478,7 @@ def _load_with_shim(lib, path):
     _shim = shim
     _openblas = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # already loaded: a handle
     # Kernels narrower than AVX-512's also share one stream's big products with the
-    # helper (HELP_ONE_ROW in the shim).
+    # helper (help_one_row in the shim).
     shared = ""
     if helpers:
         shared = (" (batches shared with a helper thread)" if shim.localai_blas_count(8) >= 16
@@ -1868,11 +1883,61 @@ def _fast_decode(model, twins, chosen):
         if rows is not None and register_quantized(w, *rows):
             done += 1
     if done:
+        _share_one_row()
         chosen["quantized_products"] = done
         chosen["reasons"].append(
             f"decode products read {done} weight matrices in their quantized form, and "
             "so do prompts' of up to the shim's row limit (it keeps a copy; the float32 "
             "one serves longer prompts)")
+
+
+def _share_one_row():
+    """With AVX-512 kernels and a helper: time one row's products over every
+    registered twin on this thread alone, once a process, and share one stream's big
+    products with the helper when one core reads them slower than ONE_ROW_SHARE_BELOW
+    (see there). Appends the reason to _state. Never raises."""
+    if (_shim is None or not _shim_helpers() or int(_shim.localai_blas_count(8)) < 16
+            or "one_row" in _state):
+        return
+    try:
+        import numpy as np
+        with _quant_lock:
+            mats = [(ptr, *w.shape) for ptr, w in _quant.items()]
+        if not mats:
+            return
+        f = ctypes.c_float
+        p = ctypes.c_void_p
+        gemm = _shim.cblas_sgemm
+        gemm.argtypes = [ctypes.c_int] * 6 + [f, p, ctypes.c_int, p, ctypes.c_int, f, p,
+                                              ctypes.c_int]
+        gemm.restype = None
+        k_max = max(k for _, _, k in mats)
+        x = np.random.default_rng(0).standard_normal(k_max).astype(np.float32)
+        y = np.empty(max(n for _, n, _ in mats), np.float32)
+        times = []
+        for _ in range(ONE_ROW_SWEEPS + 1):           # the first faults pages in
+            t0 = time.perf_counter()
+            for ptr, n, k in mats:                    # RowMajor, NoTrans, Trans
+                gemm(101, 111, 112, 1, n, k, 1.0, x.ctypes.data, k, ptr, k, 0.0,
+                     y.ctypes.data, n)
+            times.append(time.perf_counter() - t0)
+        rate = int(_shim.localai_blas_count(6)) / min(times[1:])
+    except Exception as e:
+        _state["one_row"] = f"alone (not measured: {type(e).__name__})"
+        return
+    if rate < ONE_ROW_SHARE_BELOW:
+        _shim.localai_share_one_row(ctypes.c_long(SHARED_ONE_ROW))
+        _state["one_row"] = "shared"
+        _state["reasons"].append(
+            f"one core reads the quantized weights at {rate / 1e9:.0f} GB/s (under "
+            f"{ONE_ROW_SHARE_BELOW / 1e9:.0f}): one stream's products of "
+            f"{SHARED_ONE_ROW:,} weights and more are shared with the helper thread (two "
+            "cores read faster)")
+    else:
+        _state["one_row"] = "alone"
+        _state["reasons"].append(
+            f"one core reads the quantized weights at {rate / 1e9:.0f} GB/s: one stream's "
+            "products stay on one core (a woken helper would compete with Python)")
 
 
 def release(model):

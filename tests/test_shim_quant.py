@@ -15,7 +15,7 @@ from tests.test_mlx_setup import OPENBLAS, run_py
 
 
 CHECK = r"""
-import json, threading
+import ctypes, json, threading
 import numpy as np
 from engines import mlx_setup as ms
 ms.configure()
@@ -123,6 +123,21 @@ assert ms.register_quantized(w32, *quant)
 xb = mx.array(rng.standard_normal((4, 1, 64)).astype(np.float32))
 c0 = calls(); yb = xb @ w32.T; mx.eval(yb); out["calls_batched"] = calls() - c0
 out["batched_rel"] = rel(yb, np.array(xb, np.float64) @ np.array(w32, np.float64).T)
+assert ms.unregister(w32)
+
+# 5. one row of a big twin, on this thread alone and shared with the helper (what
+#    _share_one_row chooses where one core reads memory slowly): the same numbers.
+w32, _, quant = make(2048, 1024, 4, 32, mx.float16)
+assert ms.register_quantized(w32, *quant)
+ms._share_one_row()
+out["one_row_choice"] = ms.describe().get("one_row")
+x1 = mx.array(rng.standard_normal((1, 1024)).astype(np.float32))
+ys = []
+for limit in (1 << 62, ms.SHARED_ONE_ROW, 1 << 62):
+    ms._shim.localai_share_one_row(ctypes.c_long(limit))
+    ys.append(np.array(x1 @ w32.T))
+out["one_row_same"] = [bool((y == ys[0]).all()) for y in ys]
+out["one_row_rel"] = rel(ys[1], np.array(x1, np.float64) @ np.array(w32, np.float64).T)
 assert ms.unregister(w32)
 
 # 4. unsupported forms: nothing registered.
@@ -257,6 +272,17 @@ def test_unregistered_takes_the_float32_path(checked):
 def test_batched_decode_shape_uses_the_twin(checked):
     assert checked["calls_batched"] == 1
     assert checked["batched_rel"] < 1e-5
+
+
+def test_one_row_alone_or_shared_with_the_helper_gives_the_same_numbers(checked):
+    assert checked["one_row_same"] == [True, True, True]
+    assert checked["one_row_rel"] < 1e-5
+    # AVX-512 kernels measure whether one core reads the twins fast enough alone
+    # (mlx_setup._share_one_row); narrower kernels always share big products.
+    if checked["vector_floats"] == 16:
+        assert checked["one_row_choice"] in ("shared", "alone")
+    else:
+        assert checked["one_row_choice"] is None
 
 
 def test_unsupported_forms_register_nothing(checked):
