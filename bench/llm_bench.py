@@ -14,7 +14,14 @@ process, one after another, so none inherits another's BLAS preload or warm cach
   ours-engine     engines.llm.generate in-process (scheduler, batching, sampler)
   ours-http       python localai.py, streamed SSE from /v1/completions
   mlx_lm.server   python -m mlx_lm.server on the same weights, same requests
-  llama.cpp       llama_cpp.Llama on the GGUF (only if llama_cpp is importable)
+  llama.cpp       llama_cpp.Llama on the GGUF (only if llama_cpp is importable;
+                  `pip install llama-cpp-python` compiles it for this CPU. On CPUs
+                  with AMX (Sapphire Rapids and later) that build crashed in
+                  ggml_backend_amx_mul_mat on any prompt of two tokens or more,
+                  ggml-org/llama.cpp#20824; build it without AMX there:
+                  CMAKE_ARGS="-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8'
+                  -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8'" pip install
+                  --force-reinstall --no-cache-dir llama-cpp-python)
 
 Figures: decode tok/s (one stream, after the first token), prefill tok/s and time to
 first token for a ~1000-token prompt, time to first token for a short prompt,
@@ -397,7 +404,8 @@ def spawn_worker(kind, args):
     for line in r.stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT):])
-    raise RuntimeError(f"{kind} failed:\n{r.stderr[-2000:]}")
+    how = f"killed by signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
+    raise RuntimeError(f"{kind} failed ({how}):\n{r.stderr[-2000:]}")
 
 
 def fmt(v, unit=""):
