@@ -154,11 +154,12 @@ JIT_FLAGS = "-march=native -ffp-contract=off -fno-trapping-math -fno-math-errno 
 # shim) unless one core reads a model's quantized weights, one row's products of all
 # of them, slower than this (bytes a second): then each of the two cores adds memory
 # bandwidth, and one-row products of at least SHARED_ONE_ROW weights are shared with
-# the helper as without AVX-512. A Zen 5 read ~38 GB/s alone (sharing was slower
-# there); a Sapphire Rapids VM ~13 (a plain read loop: 13 GB/s on one core, 23-27 on
-# two), where sharing took one stream of SmolLM2 63 -> 71-81 tok/s.
+# the helper. A Zen 5 read ~38 GB/s alone (sharing was slower there); a Sapphire
+# Rapids VM 11 (a plain read loop: 13 GB/s on one core, 23-27 on two), where one
+# stream of SmolLM2 decoded 63 tok/s alone, 71 sharing products of 1M weights and
+# more (gate|up, the head: AVX2's limit), 77-80 with 250k-600k (q|k|v, down too).
 ONE_ROW_SHARE_BELOW = 20e9
-SHARED_ONE_ROW = 1_000_000
+SHARED_ONE_ROW = 400_000
 # One-row sweeps over every twin behind that measurement (the fastest counts).
 ONE_ROW_SWEEPS = 3
 # Seconds the one-off compile of the shim may take before we give up on it.
@@ -999,8 +1000,8 @@ static int spin_limit = VW == 16 ? 500 : 2000;    /* ~12 us of pauses (~23 ns ea
    bound by dequantizing at half the width, ~15 ms a token on one core: sharing the
    big products took one stream ~53 -> ~66 tok/s on Zen 3 (medians of 8 rounds,
    alternating in one process); sharing every product (100k weights) was slower.
-   With AVX-512 on a machine whose single core reads memory slowly, Python sets the
-   AVX2 limit (mlx_setup._share_one_row). */
+   With AVX-512 on a machine whose single core reads memory slowly, Python sets a
+   limit (mlx_setup._share_one_row). */
 static long help_one_row = VW == 16 ? (1L << 62) : 1000000L;
 void localai_share_one_row(long min_weights) { help_one_row = min_weights; }
 
