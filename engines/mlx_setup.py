@@ -160,6 +160,12 @@ JIT_FLAGS = "-march=native -ffp-contract=off -fno-trapping-math -fno-math-errno 
 # more (gate|up, the head: AVX2's limit), 77-80 with 250k-600k (q|k|v, down too).
 ONE_ROW_SHARE_BELOW = 20e9
 SHARED_ONE_ROW = 400_000
+# There the helper also spins this many pauses for the next product before it sleeps
+# (as with AVX2; 500 with AVX-512 elsewhere): a step's gaps between products are
+# longer (a step of 4 streams ~17 ms, the Zen 5's ~7.5) and a pause shorter (10 ns,
+# the Zen 5's 23). Alternating in one process there: 4 streams 204 -> 233-246 tok/s
+# (1200: 212, 3000: 234, 6000: 237), one stream 76 -> 83.
+SLOW_CORE_SPIN = 2000
 # One-row sweeps over every twin behind that measurement (the fastest counts).
 ONE_ROW_SWEEPS = 3
 # Seconds the one-off compile of the shim may take before we give up on it.
@@ -992,7 +998,10 @@ static int spin_limit = VW == 16 ? 500 : 2000;    /* ~12 us of pauses (~23 ns ea
    6.07 / 7.85 / 12.33 ms, with 500: 5.27 / 7.45 / 12.17 (one process, alternating);
    100 was slower (8.3 ms at 4 streams), and 20000 before that too. With AVX2 (Zen 3,
    ~29 ns a pause) products and the gaps between them take about twice as long, and
-   2000 let the helper catch more of them (4 streams ~149 -> ~153-163 tok/s). */
+   2000 let the helper catch more of them (4 streams ~149 -> ~153-163 tok/s). With
+   AVX-512 on a machine whose single core reads slowly, Python sets 2000 too
+   (mlx_setup._share_one_row). */
+void localai_helper_spin(long pauses) { spin_limit = (int)pauses; }
 /* One row from a quantized twin takes the helper only without AVX-512, and only for
    products of at least this many weights (gate|up, the head). With AVX-512 a decode
    step of one stream has ~3 ms of kernels, where a woken helper competes with Python
@@ -1121,6 +1130,7 @@ long localai_blas_count(int which) {
     case 5: return q_count;          /* matrices registered */
     case 6: return q_bytes;          /* bytes their twins take */
     case 8: return VW;               /* floats a vector: 16 AVX-512, 8 otherwise */
+    case 10: return spin_limit;      /* pauses the helper spins before it sleeps */
     default: return QMAX_M;          /* the most rows of A a twin serves */
   }
 }
@@ -1928,12 +1938,14 @@ def _share_one_row():
         return
     if rate < ONE_ROW_SHARE_BELOW:
         _shim.localai_share_one_row(ctypes.c_long(SHARED_ONE_ROW))
+        _shim.localai_helper_spin(ctypes.c_long(SLOW_CORE_SPIN))
         _state["one_row"] = "shared"
         _state["reasons"].append(
             f"one core reads the quantized weights at {rate / 1e9:.0f} GB/s (under "
             f"{ONE_ROW_SHARE_BELOW / 1e9:.0f}): one stream's products of "
             f"{SHARED_ONE_ROW:,} weights and more are shared with the helper thread (two "
-            "cores read faster)")
+            f"cores read faster), which spins {SLOW_CORE_SPIN} pauses for the next "
+            "product before it sleeps (a slow core's steps have longer gaps)")
     else:
         _state["one_row"] = "alone"
         _state["reasons"].append(
