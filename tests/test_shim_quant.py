@@ -125,22 +125,6 @@ c0 = calls(); yb = xb @ w32.T; mx.eval(yb); out["calls_batched"] = calls() - c0
 out["batched_rel"] = rel(yb, np.array(xb, np.float64) @ np.array(w32, np.float64).T)
 assert ms.unregister(w32)
 
-# 5. one row of a big twin, on this thread alone and shared with the helper (what
-#    _share_one_row chooses where one core reads memory slowly): the same numbers.
-w32, _, quant = make(2048, 1024, 4, 32, mx.float16)
-assert ms.register_quantized(w32, *quant)
-ms._share_one_row()
-out["one_row_choice"] = ms.describe().get("one_row")
-out["helper_spin"] = int(ms._shim.localai_blas_count(10))
-x1 = mx.array(rng.standard_normal((1, 1024)).astype(np.float32))
-ys = []
-for limit in (1 << 62, ms.SHARED_ONE_ROW, 1 << 62):
-    ms._shim.localai_share_one_row(ctypes.c_long(limit))
-    ys.append(np.array(x1 @ w32.T))
-out["one_row_same"] = [bool((y == ys[0]).all()) for y in ys]
-out["one_row_rel"] = rel(ys[1], np.array(x1, np.float64) @ np.array(w32, np.float64).T)
-assert ms.unregister(w32)
-
 # 4. unsupported forms: nothing registered.
 w32, _, (q, s, b, bits, gs) = make(64, 128, 4, 32, mx.float32)
 q2, s2, b2 = mx.quantize(w32, group_size=32, bits=2)
@@ -213,6 +197,22 @@ r2 = rss()
 for w32, _, _ in big:
     assert ms.unregister(w32)
 out["rss_growth"], out["rss_returned"] = r1 - r0, r2 - rss()
+
+# 7. one row of a big twin, on this thread alone and shared with the helper (what
+#    _share_one_row chooses where one core reads memory slowly): the same numbers.
+w32, _, quant = make(2048, 1024, 4, 32, mx.float16)
+assert ms.register_quantized(w32, *quant)
+ms._share_one_row()
+out["one_row_choice"] = ms.describe().get("one_row")
+out["helper_spin"] = int(ms._shim.localai_blas_count(10))
+x1 = mx.array(rng.standard_normal((1, 1024)).astype(np.float32))
+ys = []
+for limit in (1 << 62, ms.SHARED_ONE_ROW, 1 << 62):
+    ms._shim.localai_share_one_row(ctypes.c_long(limit))
+    ys.append(np.array(x1 @ w32.T))
+out["one_row_same"] = [bool((y == ys[0]).all()) for y in ys]
+out["one_row_rel"] = rel(ys[1], np.array(x1, np.float64) @ np.array(w32, np.float64).T)
+assert ms.unregister(w32)
 print(json.dumps(out))
 """
 
