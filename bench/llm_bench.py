@@ -18,9 +18,9 @@ process, one after another, so none inherits another's BLAS preload or warm cach
                   `pip install llama-cpp-python` compiles it for this CPU. On CPUs
                   with AMX (Sapphire Rapids and later) that build crashed in
                   ggml_backend_amx_mul_mat on any prompt of two tokens or more,
-                  ggml-org/llama.cpp#20824; build it without AMX there:
-                  CMAKE_ARGS="-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8'
-                  -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8'" pip install
+                  ggml-org/llama.cpp#20824; build it without AMX there (F: the
+                  flags -mno-amx-tile -mno-amx-int8 -mno-amx-bf16):
+                  CMAKE_ARGS="-DCMAKE_C_FLAGS='F' -DCMAKE_CXX_FLAGS='F'" pip install
                   --force-reinstall --no-cache-dir llama-cpp-python)
 
 Figures: decode tok/s (one stream, after the first token), prefill tok/s and time to
