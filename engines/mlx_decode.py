@@ -9,6 +9,8 @@ on a CPU:
         quantized form it was dequantized from): permuted and fused like the weights
     weights(model) -> [(w, rows or None)]
         the float32 matrices the step multiplies by, with their fused rows
+    last_logits(model, cache) -> f(inputs, rows, positions) | None
+        a prompt pass that computes the logits of the given tokens only
 
 Why: MLX's CPU backend runs the "fast" ops (rms_norm, rope, scaled-dot-product
 attention) as their composed fallbacks, so one decoded token of SmolLM2-135M was a
@@ -25,11 +27,11 @@ unfused, slower but the same numbers), a layer's end and the next one's start in
 one compiled call. Building it takes Python ~1.3 ms a step (was ~2.7 ms).
 
 The decode step (one new token per sequence, a KVCache or BatchKVCache) takes this
-path. Prompts (several tokens a sequence, same caches) keep mlx-lm's layers except
-attention, computed here with a compiled exp: MLX's Softmax on x86 runs a scalar exp,
-half of a 1000-token prompt's time (3.0 -> 2.3 s for SmolLM2 on 2 cores), and the
-q|k|v and gate|up products, one each from the fused matrices. Anything
-else (no cache, input embeddings) goes through mlx-lm's own forward pass.
+path. Prompts (several tokens a sequence, same caches) take the same compiled pieces
+with every token a row, and attention per sequence with a compiled exp: MLX's
+Softmax on x86 runs a scalar exp, half of a 1000-token prompt's time (3.0 -> 2.3 s
+for SmolLM2 on 2 cores). Anything else (no cache, input embeddings) goes through
+mlx-lm's own forward pass.
 Models whose rope is "traditional" (GGUF imports: pairs of adjacent dims) get the
 rows of their q and k weights permuted so that rope rotates dims (i, i+half)
 instead: attention scores are sums over dims, so permuting q and k alike changes
@@ -120,6 +122,21 @@ def weights(model):
     """[(float32 matrix the step multiplies by, its rows' arrays or None)]."""
     st = getattr(model, "_localai_step", None)
     return [] if st is None else list(st.matrices)
+
+
+def last_logits(model, cache):
+    """The prompt pass that returns only some tokens' logits, when model and cache
+    take this module's prompt pass, else None: f(inputs (B, L), rows, positions)
+    -> (len(rows), vocabulary), the logits of token positions[i] of row rows[i]."""
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+    st = getattr(model, "_localai_step", None)
+    if st is None or not all(type(c) in (KVCache, BatchKVCache) for c in cache):
+        return None
+
+    def f(inputs, rows, positions):
+        import mlx.core as mx
+        return st.prompt(inputs, cache, last=(mx.array(rows), mx.array(positions)))
+    return f
 
 
 def _fused_rows(parts):
@@ -249,6 +266,7 @@ class _Step:
         self.head_scale = mx.array([scale] * nh + [1.0] * nkv + [0.0] * nkv).reshape(1, heads, 1, 1)
         self.head_keep = mx.array([0.0] * (nh + nkv) + [1.0] * nkv).reshape(1, heads, 1, 1)
         self.pre, self.mid, self.last = mx.compile(pre), mx.compile(mid), mx.compile(last)
+        self.post, self.final = mx.compile(post), mx.compile(final)      # prompts' ends
         # Each layer's weights in the order mid/last take them.
         self.mid_args = [(w["o_t"], w["n2"], w["gu_t"], w["down_t"], nx["n1"], nx["qkv_t"])
                          + nx["extra"] for w, nx in zip(fused, fused[1:])]
@@ -269,40 +287,66 @@ class _Step:
         e = self.exp_minus(scores, mx.max(scores, axis=-1, keepdims=True))
         return e / mx.sum(e, axis=-1, keepdims=True)
 
-    def prompt(self, inputs, caches):
-        """mlx-lm's forward pass for several tokens a sequence, with attention
-        computed here: MLX's own runs Softmax's exp as a scalar loop on x86, half of
-        a 1000-token prompt's time. A kv head's query heads are one product's rows.
-        q|k|v and gate|up are one product each (the fused matrices the step uses):
-        a third of the products, each bigger (one dequantized block of weights for
-        more rows in the shim's packed product, one split with its helper)."""
+    def rope_rows(self, pos):
+        """pre()'s c and s for rows at these positions (n,): rope's [cos, cos] and
+        [-sin, sin] of each row's angles, per head (see pre)."""
         import mlx.core as mx
-        from mlx_lm.models.activations import swiglu
+        n = pos.size
+        cs = self.rope(mx.broadcast_to(self.unit, (n, 1, 1, self.hd)), offset=pos)
+        cs = cs.reshape(n, 1, 2, self.hd // 2)                  # [cos | sin]
+        c, s = cs[:, :, :1], cs[:, :, 1:]
+        c = mx.concatenate([c, c], axis=2) * self.head_scale + self.head_keep
+        s = mx.concatenate([-s, s], axis=2) * self.head_scale
+        return c, s
+
+    def prompt(self, inputs, caches, last=None):
+        """The forward pass for several tokens a sequence (B, L): the decode step's
+        compiled pieces on all B * L tokens as rows (norms, rope, the fused q|k|v
+        and gate|up products, a layer's end and the next one's start in one call),
+        attention per sequence over its cache with a causal (and padding) mask and
+        exp compiled. mlx-lm's layers ran the norms and rope as MLX's composed CPU
+        fallbacks, ~6 ms more a pass whatever its length (3 tokens 19.7 -> 13.7 ms,
+        128 tokens 217 -> 210 ms for SmolLM2 on 2 cores); MLX's own attention runs
+        Softmax's exp as a scalar loop on x86, half of a 1000-token prompt's time.
+        last: (rows, positions), two int arrays: the logits of only those tokens,
+        (len(rows), vocabulary), instead of every token's (B, L, vocabulary); the
+        final norm and the head then run on those rows alone."""
+        import mlx.core as mx
         from mlx_lm.models.base import create_attention_mask
         B, L = inputs.shape
-        nh, nkv, rep, hd, ffn = self.nh, self.nkv, self.rep, self.hd, self.ffn
+        nh, nkv, rep, hd = self.nh, self.nkv, self.rep, self.hd
+        n = B * L
         h = self.inner.embed_tokens(inputs)
         mask = create_attention_mask(h, caches[0], return_array=True)   # causal, padding
         if mask.ndim > 3:                            # B, 1, L, S -> B, 1, 1, L, S
             mask = mx.expand_dims(mask, -3)
         mask = _additive(mask)
-        for layer, cache, w in zip(self.inner.layers, caches, self.fused):
-            a = layer.self_attn
-            qkv = layer.input_layernorm(h) @ w["qkv_t"]
-            if w["extra"]:
-                qkv = qkv + w["extra"][0]
-            q, k, v = (qkv[..., i * hd:j * hd].reshape(B, L, j - i, hd).transpose(0, 2, 1, 3)
-                       for i, j in ((0, nh), (nh, nh + nkv), (nh + nkv, nh + 2 * nkv)))
-            q = a.rope(q, offset=cache.offset) * self.scale
-            k, v = cache.update_and_fetch(a.rope(k, offset=cache.offset), v)
-            scores = q.reshape(B, nkv, rep * L, hd) @ k.swapaxes(-1, -2)
-            p = self.softmax(scores.reshape(B, nkv, rep, L, -1), mask)
-            o = p.reshape(B, nkv, rep * L, -1) @ v               # B, nkv, rep*L, hd
-            o = o.reshape(B, nh, L, hd).transpose(0, 2, 1, 3).reshape(B, L, nh * hd)
-            h = h + a.o_proj(o)
-            gu = layer.post_attention_layernorm(h) @ w["gu_t"]
-            h = h + swiglu(gu[..., :ffn], gu[..., ffn:]) @ w["down_t"]
-        return self.inner.norm(h) @ self.head_t
+        h = h.reshape(n, -1)
+        off = caches[0].offset                       # an int, or one per sequence
+        off = off.reshape(-1, 1) if isinstance(off, mx.array) else mx.array([[off]])
+        c, s = self.rope_rows(mx.broadcast_to(off + mx.arange(L), (B, L)).reshape(-1))
+        w = self.fused[0]
+        q, k, v = self.pre(h, w["n1"], w["qkv_t"], c, s, *w["extra"])
+        for i, cache in enumerate(caches):
+            k = k.reshape(B, L, nkv, hd).transpose(0, 2, 1, 3)
+            v = v.reshape(B, L, nkv, hd).transpose(0, 2, 1, 3)
+            k, v = cache.update_and_fetch(k, v)
+            q = q.reshape(B, L, nkv, rep, hd).transpose(0, 2, 3, 1, 4).reshape(B, nkv, rep * L, hd)
+            scores = (q @ k.swapaxes(-1, -2)).reshape(B, nkv, rep, L, -1) + mask
+            e = self.exp_minus(scores, mx.max(scores, axis=-1, keepdims=True))
+            o = (e.reshape(B, nkv, rep * L, -1) @ v).reshape(B, nkv, rep, L, hd)
+            l = mx.sum(e, axis=-1, keepdims=True)
+            o = o.transpose(0, 3, 1, 2, 4).reshape(n, nkv, rep, hd)
+            l = l.transpose(0, 3, 1, 2, 4).reshape(n, nkv, rep, 1)
+            if i == len(self.mid_args):
+                f = self.fused[-1]
+                h = self.post(h, o, l, f["o_t"], f["n2"], f["gu_t"], f["down_t"])
+            else:
+                h, q, k, v = self.mid(h, o, l, c, s, *self.mid_args[i])
+        h = h.reshape(B, L, -1)
+        if last is not None:
+            h = h[last[0], last[1]]
+        return self.final(h, self.inner.norm.weight, self.head_t)
 
     def __call__(self, inputs, caches):
         import mlx.core as mx
@@ -313,14 +357,7 @@ class _Step:
         if isinstance(mask, str):
             mask = None
         off = caches[0].offset
-        if not isinstance(off, mx.array):
-            off = mx.array([off])
-        n = off.size
-        cs = self.rope(mx.broadcast_to(self.unit, (n, 1, 1, self.hd)), offset=off)
-        cs = cs.reshape(n, 1, 2, self.hd // 2)                  # [cos | sin]
-        c, s = cs[:, :, :1], cs[:, :, 1:]
-        c = mx.concatenate([c, c], axis=2) * self.head_scale + self.head_keep
-        s = mx.concatenate([-s, s], axis=2) * self.head_scale
+        c, s = self.rope_rows(off if isinstance(off, mx.array) else mx.array([off]))
         if mask is not None:                 # broadcast once for every layer
             mask = mx.broadcast_to(_additive(mask), (B, self.nkv, self.rep, mask.shape[-1]))
         pos = _write_position(caches)
