@@ -204,16 +204,22 @@ def forget_prompts(llm, info):
 
 
 def spy_prefill_passes(monkeypatch):
-    """The lengths of the prompt slices of every prefill pass mlx-lm's batch makes
-    (sorted), appended to the returned list; requests admitted together from now on."""
+    """The lengths of the prompt slices of every prefill pass the batch makes
+    (sorted; mlx-lm's, and the engine's that end prompts), appended to the returned
+    list; requests admitted together from now on."""
     from mlx_lm.generate import PromptProcessingBatch
     from engines import llm
-    passes, real_prompt = [], PromptProcessingBatch.prompt
+    passes, real_prompt, real_last = [], PromptProcessingBatch.prompt, llm._prefill_last
 
     def spy(self, tokens):
         passes.append(sorted(len(t) for t in tokens))
         return real_prompt(self, tokens)
+
+    def spy_last(pb, tokens, *args):
+        passes.append(sorted(len(t) for t in tokens))
+        return real_last(pb, tokens, *args)
     monkeypatch.setattr(PromptProcessingBatch, "prompt", spy)
+    monkeypatch.setattr(llm, "_prefill_last", spy_last)
     monkeypatch.setattr(llm, "ADMIT_WINDOW", 5.0)
     return passes
 
@@ -262,7 +268,7 @@ def test_prompts_of_different_lengths_are_prefilled_shortest_first(models_dir, m
     assert out == alone
     assert llm.stats()["peak_admitted"] == 2
     assert [p for p in passes if len(p) > 1] == []            # never padded together
-    assert passes[0] == [llm.count_tokens(info, prompts["short"]) - 1]
+    assert passes[0] == [llm.count_tokens(info, prompts["short"])]   # its last token too
     assert first["short"][0] < first["long"][0]
     assert llm.stats()["peak_batch"] == 2
 
@@ -300,20 +306,21 @@ def test_a_request_that_waited_long_enough_goes_first(models_dir, monkeypatch):
     for t in threads:
         t.join()
     step = llm._SCHED.models[info.id].gen.prefill_step_size
-    assert passes[0] == [step] and passes[1] == [llm.count_tokens(info, prompts["short"]) - 1, step]
+    assert passes[0] == [step] and passes[1] == [llm.count_tokens(info, prompts["short"]), step]
     assert all(out.values())
 
 
 def test_first_and_last_tokens_leave_with_the_step_that_computed_them(models_dir,
                                                                      monkeypatch):
-    """mlx-lm hands a token out one step after it is computed; the engine reads a
-    sequence's first token and its last (by max_tokens) as soon as their steps are
-    done: the first piece of text reaches the client during the step after the
-    prompt's pass (not the one after that), an answer of n tokens ends during the
-    n-th step after it (not the n+1-th), and a one-token answer ends with its first
-    token, its prompt kept for the next request. The text is the same: the first
-    token of a longer answer, and a stop string that the first token completes ends
-    the answer empty."""
+    """mlx-lm computes a prompt's last token in a step of its own and hands a token
+    out one step after it is computed; the engine computes the last token with the
+    rest of the prompt's pass and reads a sequence's first token and its last (by
+    max_tokens) as soon as their steps are done: the first piece of text reaches
+    the client during the prompt's pass (not two steps after it), an answer of n
+    tokens ends during the (n-1)-th step after it (not the n+1-th), and a one-token
+    answer ends with the prompt's pass, its prompt kept for the next request. The
+    text is the same: the first token of a longer answer, and a stop string that
+    the first token completes ends the answer empty."""
     from engines import llm
     from engines.catalog import Catalog
     info = Catalog(models_dir).resolve(MODEL)
@@ -351,15 +358,54 @@ def test_first_and_last_tokens_leave_with_the_step_that_computed_them(models_dir
     forget_prompts(llm, info)
     text, last, when = run(6)
     assert text == longer and last.completion_tokens == 6
-    assert (when["text"], when["done"]) == (1, 6)       # during the 2nd and 7th steps
+    assert (when["text"], when["done"]) == (0, 5)       # during the 1st and 6th steps
     forget_prompts(llm, info)
     text, last, when = run(1)
-    assert (last.finish_reason, last.completion_tokens, when["done"]) == ("length", 1, 1)
+    assert (last.finish_reason, last.completion_tokens, when["done"]) == ("length", 1, 0)
     assert longer.startswith(text) and text
     text, last, when = run(1)
     assert last.cached_tokens == last.prompt_tokens - 1   # the one-token answer kept its prompt
     forget_prompts(llm, info)
     text, last, when = run(6, stop=[longer[:len(text)]])
-    assert (text, last.finish_reason, when["done"]) == ("", "stop", 1)
+    assert (text, last.finish_reason, when["done"]) == ("", "stop", 0)
     assert "".join(c.text for c in llm.generate(llm.GenRequest(
         model=info, prompt=prompt, max_tokens=6, temperature=0))) == longer
+
+
+def test_a_penalised_request_prefilled_with_a_plain_one(models_dir, monkeypatch):
+    """The engine computes a prompt's last token in its prompt's pass only when
+    nothing processes its logits: a request with penalties (repeat_penalty,
+    presence and frequency penalties) prefilled together with one without keeps
+    mlx-lm's way (its last token computed in a step of its own, where mlx-lm applies
+    the penalties), the other takes the engine's, in the same pass. Each gets the
+    answer it gets alone, and the penalties change the answer."""
+    from engines import llm
+    from engines.catalog import Catalog
+    info = Catalog(models_dir).resolve(MODEL)
+    prompt = "The cat sat. The cat sat. The cat sat. The cat sat. The cat"
+    kinds = {"plain": {}, "penalised": dict(repetition_penalty=1.8, frequency_penalty=1.0)}
+
+    def run(kind, arrival=None):
+        return "".join(c.text for c in llm.generate(llm.GenRequest(
+            model=info, prompt=prompt, max_tokens=10, temperature=0, **kinds[kind]),
+            arrival=arrival))
+    alone = {}
+    for kind in kinds:
+        forget_prompts(llm, info)
+        alone[kind] = run(kind)
+    assert alone["plain"] != alone["penalised"]
+    forget_prompts(llm, info)
+    passes = spy_prefill_passes(monkeypatch)
+    arrivals = {k: llm.expect() for k in kinds}
+    out = {}
+
+    def worker(k):
+        out[k] = run(k, arrivals[k])
+    threads = [threading.Thread(target=worker, args=(k,)) for k in kinds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == alone
+    n = llm.count_tokens(info, prompt)
+    assert [p for p in passes if p] == [[n - 1, n]]     # one pass: all but the last, all
