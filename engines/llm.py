@@ -727,9 +727,11 @@ def _batch_next(self):
     sequences without logits processors (penalties need mlx-lm's step) whose last
     slice has room for the token, on models with our prompt pass; anything else
     goes mlx-lm's way, in the same call."""
+    from . import mlx_decode
+    if mlx_decode.last_logits(self.model, []) is None:
+        return type(self)._next(self)             # no prompt pass of ours: mlx-lm's
     import mlx.core as mx
     from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
-    from . import mlx_decode
     prompt_responses, generation_responses = [], []
     if len(self._generation_batch) > 0:
         tic = time.perf_counter()
