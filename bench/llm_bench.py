@@ -21,7 +21,9 @@ process, one after another, so none inherits another's BLAS preload or warm cach
                   ggml-org/llama.cpp#20824; build it without AMX there (F: the
                   flags -mno-amx-tile -mno-amx-int8 -mno-amx-bf16):
                   CMAKE_ARGS="-DCMAKE_C_FLAGS='F' -DCMAKE_CXX_FLAGS='F'" pip install
-                  --force-reinstall --no-cache-dir llama-cpp-python)
+                  --force-reinstall --no-cache-dir --no-binary llama-cpp-python
+                  llama-cpp-python; without --no-binary pip may take a wheel it
+                  built earlier, with AMX)
 
 Figures: decode tok/s (one stream, after the first token), prefill tok/s and time to
 first token for a ~1000-token prompt, time to first token for a short prompt,
