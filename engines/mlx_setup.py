@@ -41,8 +41,9 @@ shared/DESIGN.md section 5 and bench/llm_bench.py):
 5. MLX runs rms_norm, rope and attention on a CPU as their composed fallbacks, so a
    decoded token was ~4,300 graph nodes at ~3 us each. engines/mlx_decode.py gives
    llama/qwen2 models a decode step of ~1,100 (fused q|k|v and gate|up products,
-   rope's angles once per token, compiled elementwise work). Prompts keep mlx-lm's
-   layers, with attention's exp compiled (MLX's Softmax runs a scalar exp on x86).
+   rope's angles once per token, compiled elementwise work). Prompts take the same
+   compiled pieces, every token a row, with attention's exp compiled (MLX's Softmax
+   runs a scalar exp on x86).
 6. Float32 weights make decoding read 513 MB per token. The shim keeps a copy of
    each decode matrix in its quantized form ("twin": 4/8-bit values with float32
    scale and bias per group, 115 MB for SmolLM2) and computes products of up to 128
