@@ -428,7 +428,7 @@ def _advance(caches, pos):
 
 def _fast_call(self, inputs, cache=None, input_embeddings=None, **kw):
     """The model's __call__: the fused step for one new token per sequence with plain
-    KV caches, the prompt pass (mlx-lm's layers, our attention) for several,
+    KV caches, the prompt pass (the same compiled pieces, every token a row) for several,
     mlx-lm's forward pass for anything else."""
     from mlx_lm.models.cache import BatchKVCache, KVCache
     if (cache is None or input_embeddings is not None or kw or inputs.ndim != 2
