@@ -343,6 +343,8 @@ class _Step:
                 h = self.post(h, o, l, f["o_t"], f["n2"], f["gu_t"], f["down_t"])
             else:
                 h, q, k, v = self.mid(h, o, l, c, s, *self.mid_args[i])
+                if i % ENCODE_LAYERS == ENCODE_LAYERS - 1:
+                    mx.async_eval(h)
         h = h.reshape(B, L, -1)
         if last is not None:
             h = h[last[0], last[1]]
