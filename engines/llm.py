@@ -153,11 +153,12 @@ MAX_LOADED = max(1, _env_int("LOCALAI_LLM_MAX_LOADED", 2))
 # Prompt tokens processed per scheduler step: small enough that a long prompt
 # does not freeze other users' decoding or delay cancellation for long on a CPU.
 PREFILL_STEP = 256
-# On a CPU: 128 is also the most rows a product reads from the quantized weights
-# (mlx_setup's shim, with AVX-512): a 1000-token prompt of SmolLM2 took 1.91-1.97 s
-# in slices of 256 (OpenBLAS on float32 weights, its AVX2 kernels), 1.58-1.64 s in
-# slices of 128, no better in 96 or 64; with OpenBLAS's AVX-512 kernels 1.49-1.53 s
-# and 1.44-1.61 s. (A GPU keeps PREFILL_STEP: its products gain from more rows.)
+# On a CPU: 128 was also the most rows a product read from the quantized weights
+# (mlx_setup's shim; 64 with AVX-512 now, QUANT_MAX_ROWS_AVX512): a 1000-token
+# prompt of SmolLM2 took 1.91-1.97 s in slices of 256 (OpenBLAS on float32 weights,
+# its AVX2 kernels), 1.58-1.64 s in slices of 128, no better in 96 or 64; with
+# OpenBLAS's AVX-512 kernels 1.49-1.53 s and 1.44-1.61 s. (A GPU keeps PREFILL_STEP:
+# its products gain from more rows.)
 PREFILL_STEP_CPU = 128
 # Seconds an idle engine waits, before it starts a new batch, for requests that
 # have arrived but are still being tokenized: requests that come together are

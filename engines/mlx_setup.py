@@ -146,6 +146,13 @@ SMALL_M = 8
 # lose more to a descheduled partner than they gain (measured, see _configure).
 BUSY_CORES = 0.75
 BUSY_SAMPLE_SECONDS = 0.2
+# With AVX-512 kernels in the shim and OpenBLAS on its SkylakeX ones, products of
+# more rows than this (a prompt's 128-token slices) go to OpenBLAS's sgemm on the
+# float32 copy instead of the quantized twins: SmolLM2's layer products at 128 rows
+# took 169 ms from the twins, 138 from OpenBLAS, at 64 rows 89 and 88 on a Sapphire
+# Rapids VM (QMAX_M's comment in the shim: 100 and 87 at 128 rows, 75 and 75 at
+# 104). A 900-token prompt there: 1.74-1.81 -> 1.55-1.58 s (alternating processes).
+QUANT_MAX_ROWS_AVX512 = 64
 # Default memory budget for a float32 copy of the weights: a quarter of physical
 # RAM, so the copy never crowds out the KV caches, other models, or the desktop.
 DEFAULT_BUDGET_FRACTION = 0.25
@@ -392,6 +399,8 @@ static void small_nn(int M, int N, int K, float alpha, const float *A, int lda,
    way on a noisy 2-core VM (bench/quant_bench.py), while prompts computed together
    got faster end to end (below: OpenBLAS's threads spin between its products). */
 #define QMAX_M 128
+static int qmax_m = QMAX_M;     /* the limit in force (QUANT_MAX_ROWS_AVX512 in Python) */
+void localai_quant_max_rows(int m) { qmax_m = m < 1 ? 1 : m > QMAX_M ? QMAX_M : m; }
 #define QPASS 4
 /* Bytes ahead of a twin's read position to prefetch: the hardware prefetcher alone left
    decoding's products short of memory bandwidth (121 products of SmolLM2: one row
@@ -1132,7 +1141,7 @@ long localai_blas_count(int which) {
     case 6: return q_bytes;          /* bytes their twins take */
     case 8: return VW;               /* floats a vector: 16 AVX-512, 8 otherwise */
     case 10: return spin_limit;      /* pauses the helper spins before it sleeps */
-    default: return QMAX_M;          /* the most rows of A a twin serves */
+    default: return qmax_m;          /* the most rows of A a twin serves */
   }
 }
 
@@ -1141,7 +1150,7 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
                  float *C, int ldc) {
   atomic_fetch_add_explicit(&n_calls, 1, memory_order_relaxed);
   struct qmat q;
-  if (order == RowMajor && ta == NoTrans && tb == Trans && M >= 1 && M <= QMAX_M
+  if (order == RowMajor && ta == NoTrans && tb == Trans && M >= 1 && M <= qmax_m
       && ldc >= N && qfind(B, N, K, ldb, &q)) {
     atomic_fetch_add_explicit(&n_quant, 1, memory_order_relaxed);
     small_gemm(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, &q);
@@ -1496,12 +1505,17 @@ def _load_with_shim(lib, path):
         shared = (" (batches shared with a helper thread)" if shim.localai_blas_count(8) >= 16
                   else " (batches, and one stream's big products with these AVX2 kernels, "
                        "shared with a helper thread)")
+    limit = ""
+    if (shim.localai_blas_count(8) >= 16
+            and os.environ.get("OPENBLAS_CORETYPE", "").upper() == "SKYLAKEX"):
+        shim.localai_quant_max_rows(QUANT_MAX_ROWS_AVX512)
+        limit = " (more rows: OpenBLAS's AVX-512 sgemm is faster)"
     _state["blas"] = f"OpenBLAS ({path}) via localai shim"
     _state["shim"] = True
     _state["reasons"].append(
         f"system OpenBLAS preloaded; shim computes 1..{shim.localai_blas_count(7)}-row "
         "products of a model's registered matrices (and of their rows) from their "
-        "quantized twins, other one-row products with "
+        f"quantized twins{limit}, other one-row products with "
         f"sgemv and 2..{SMALL_M}-row ones with its own kernels" + shared)
     _describe_openblas()
 
