@@ -53,7 +53,9 @@ shared/DESIGN.md section 5 and bench/llm_bench.py):
    together) use OpenBLAS on the float32 copy. Without AVX-512, 16 rows and more
    take a packed product (a block of 16 weight rows dequantized to float32 once,
    tiles of 6 rows of A over it). The language engine computes a prompt in slices
-   of 128 tokens (PREFILL_STEP_CPU), which stay on the twins. The 576x49152 8-bit
+   of 128 tokens (PREFILL_STEP_CPU), which stay on the twins, except with AVX-512
+   where OpenBLAS's own AVX-512 sgemm is faster above 64 rows
+   (QUANT_MAX_ROWS_AVX512). The 576x49152 8-bit
    head: 3.7 -> 1.1 ms at M=1 (bench/quant_bench.py); a 26-token prompt's products
    69 -> 20 ms. The twins live in 2 MB-aligned chunks advised for transparent huge
    pages (fewer TLB misses, prefetches not stopped at every 4 KB page: a decode step
