@@ -424,3 +424,44 @@ def test_a_request_still_being_read_joins_the_batch(server_env, models_dir, tmp_
             assert engine["graph_thread"] == "SCHED_BATCH while batching"
     finally:
         srv.stop()
+
+
+def test_without_the_fast_path_the_batch_takes_mlx_lms_own_steps(server, server_env,
+                                                                  models_dir, tmp_path):
+    """LOCALAI_MLX_DECODE=off: no fused step and no prompt pass of ours, so the
+    engine's batch runs mlx-lm's own prefill and steps (a prompt's last token in a
+    step of its own) on the float32 weights; requests sent together still get the
+    answers the default server gives them, and /api/ps says which way it went."""
+    import threading
+    from conftest import Server
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
+
+    def answers(srv):
+        out = {}
+
+        def one(p):
+            status, _, data = post(srv, "/v1/completions", {"model": MODEL, "prompt": p,
+                                                            "max_tokens": 6, "temperature": 0})
+            out[p] = (status, json.loads(data)["choices"][0]["text"])
+        threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        conn.request("GET", "/api/ps")
+        engine = json.loads(conn.getresponse().read())["models"][0]["engine"]
+        conn.close()
+        return out, engine
+    default, engine = answers(server)
+    off = Server(["--no-mdns"], dict(server_env, LOCALAI_MODELS_DIR=str(models_dir),
+                                     LOCALAI_MLX_DECODE="off"), str(tmp_path))
+    try:
+        got, engine_off = answers(off)
+    finally:
+        off.stop()
+    assert all(status == 200 and text for status, text in default.values())
+    assert got == default
+    assert engine_off["engine_failures"] == 0 and engine_off["peak_batch"] >= 2
+    if engine["device"] == "cpu":
+        assert engine.get("decode") == "fused" and engine_off.get("decode") != "fused"
