@@ -276,16 +276,7 @@ class _Step:
         # MLX's Softmax on x86). Only the elementwise part: a shapeless compiled
         # softmax with its reductions crashed MLX 0.32 once batches changed size.
         self.exp_minus = mx.compile(lambda x, m: mx.exp(x - m), shapeless=True)
-        self.nkv, self.rep, self.scale, self.ffn = nkv, rep, scale, ffn
-
-    def softmax(self, scores, mask):
-        """softmax(scores + mask) over the last axis (mask: additive, see _additive,
-        or None), its exp compiled (exp_minus)."""
-        import mlx.core as mx
-        if mask is not None:
-            scores = scores + mask
-        e = self.exp_minus(scores, mx.max(scores, axis=-1, keepdims=True))
-        return e / mx.sum(e, axis=-1, keepdims=True)
+        self.nkv, self.rep = nkv, rep
 
     def rope_rows(self, pos):
         """pre()'s c and s for rows at these positions (n,): rope's [cos, cos] and
