@@ -726,11 +726,9 @@ def _batch_next(self):
     slice it is one more row of products that read the weights anyway, and the
     final norm and head run for that token only (mlx_decode.last_logits). Taken by
     sequences without logits processors (penalties need mlx-lm's step) whose last
-    slice has room for the token, on models with our prompt pass; anything else
-    goes mlx-lm's way, in the same call."""
+    slice has room for the token (bound only for models with our prompt pass);
+    anything else goes mlx-lm's way, in the same call."""
     from . import mlx_decode
-    if mlx_decode.last_logits(self.model, []) is None:
-        return type(self)._next(self)             # no prompt pass of ours: mlx-lm's
     import mlx.core as mx
     from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
     prompt_responses, generation_responses = [], []
@@ -1082,7 +1080,9 @@ class _Scheduler:
         gb = getattr(m.gen, "_generation_batch", None)
         if gb is not None and all(hasattr(gb, a) for a in _STEP_ATTRS):
             gb._step = types.MethodType(_batch_step, gb)
-        if all(hasattr(m.gen, a) for a in _NEXT_ATTRS):
+        from . import mlx_decode
+        if (all(hasattr(m.gen, a) for a in _NEXT_ATTRS)
+                and mlx_decode.last_logits(m.model, []) is not None):   # our prompt pass
             m.gen._next = types.MethodType(_batch_next, m.gen)
         if m.prompt_cache is None:
             m.prompt_cache = LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES,
